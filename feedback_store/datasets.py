@@ -1,0 +1,189 @@
+"""Turn stored feedback into training rows in TRL's conversational formats.
+
+KTO (unpaired):   {"prompt": [messages...], "completion": [{"role": "assistant", ...}], "label": bool}
+DPO (preference): {"prompt": [messages...], "chosen": [{...}], "rejected": [{...}]}
+
+The prompt is the list of messages before the reply (the conversation's system
+prompt first, then the thread down to the user message the reply answers).
+
+Conflict rules, applied when rows are built (events are never deleted):
+
+* Votes: for each reply, each voter's latest up/down counts (a voter is the
+  user id; anonymous votes on a reply count as one voter). The reply is desirable
+  when up-votes outnumber down-votes, undesirable when down-votes do, and left out
+  on a tie.
+* Choices: for each unordered pair of sibling replies, each voter's latest choice
+  counts; the pair goes the majority's way and is left out on a tie.
+* Edits: every edit is a pair (the edit chosen, the original rejected).
+
+Held-out split: a conversation is in ``eval`` when a salted hash of its id falls
+below ``eval_fraction``; all of a conversation's rows land on the same side, so
+evaluation never sees a training conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .errors import InvalidInput
+from .models import ConversationRow, FeedbackEventRow, MessageRow
+from .store import FeedbackStore
+
+SPLITS = ("train", "eval", "all")
+SPLIT_SALT = "feedback-chat/heldout/v1"
+DEFAULT_EVAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which events feed a dataset. Every field is optional."""
+
+    since: datetime | None = None  # events created at or after
+    after_event_id: int | None = None  # events with a larger id
+    up_to_event_id: int | None = None  # events with this id or smaller (a round's snapshot)
+    adapter_version: str | None = None  # replies written by this adapter version
+    split: str = "all"
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+
+    def validate(self) -> None:
+        problems = []
+        if self.split not in SPLITS:
+            problems.append(f"split must be one of {SPLITS}, not {self.split!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append("eval_fraction must be in [0, 1)")
+        if problems:
+            raise InvalidInput("; ".join(problems))
+
+
+def split_of(conversation_id: int, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> str:
+    digest = hashlib.sha256(f"{SPLIT_SALT}:{conversation_id}".encode()).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+
+
+def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
+                   with_ids: bool = False) -> list[dict[str, Any]]:
+    """Unpaired rows from thumbs. ``with_ids`` adds ``reply_id`` and ``conversation_id``."""
+    flt = flt or RowFilter()
+    flt.validate()
+
+    def work(s: Session) -> list[dict[str, Any]]:
+        events = _events(s, flt, ("up", "down"))
+        latest: dict[tuple[int, str], FeedbackEventRow] = {}
+        for ev in events:  # ascending id: later votes replace earlier ones
+            latest[(ev.reply_id, ev.user_id or "")] = ev
+        tally: dict[int, int] = defaultdict(int)
+        for (reply_id, _), ev in latest.items():
+            tally[reply_id] += 1 if ev.kind == "up" else -1
+        threads = _Threads(s, {ev.conversation_id for ev in events})
+        rows = []
+        for reply_id in sorted(tally):
+            if tally[reply_id] == 0:
+                continue
+            reply = threads.message(reply_id)
+            row: dict[str, Any] = {
+                "prompt": threads.prompt(reply),
+                "completion": [{"role": "assistant", "content": reply.content}],
+                "label": tally[reply_id] > 0,
+            }
+            if with_ids:
+                row.update(reply_id=reply_id, conversation_id=reply.conversation_id)
+            rows.append(row)
+        return rows
+
+    return store.db.run(work, write=False)
+
+
+def build_dpo_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
+                   with_ids: bool = False) -> list[dict[str, Any]]:
+    """Preference rows from edits and sibling choices. ``with_ids`` adds
+    ``chosen_id``, ``rejected_id`` and ``conversation_id``."""
+    flt = flt or RowFilter()
+    flt.validate()
+
+    def work(s: Session) -> list[dict[str, Any]]:
+        events = _events(s, flt, ("edit", "choice"))
+        pairs: list[tuple[int, int, int]] = []  # (order key, chosen, rejected)
+        latest_choice: dict[tuple[frozenset[int], str], FeedbackEventRow] = {}
+        for ev in events:
+            if ev.kind == "edit":
+                pairs.append((ev.id, ev.other_reply_id, ev.reply_id))
+            else:
+                latest_choice[(frozenset((ev.reply_id, ev.other_reply_id)), ev.user_id or "")] = ev
+        votes: dict[frozenset[int], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        first_seen: dict[frozenset[int], int] = {}
+        for (pair, _), ev in latest_choice.items():
+            votes[pair][ev.reply_id] += 1
+            first_seen[pair] = min(first_seen.get(pair, ev.id), ev.id)
+        for pair, v in votes.items():
+            a, b = sorted(pair)
+            if v[a] != v[b]:
+                chosen, rejected = (a, b) if v[a] > v[b] else (b, a)
+                pairs.append((first_seen[pair], chosen, rejected))
+        threads = _Threads(s, {ev.conversation_id for ev in events})
+        rows = []
+        for _, chosen_id, rejected_id in sorted(pairs):
+            chosen, rejected = threads.message(chosen_id), threads.message(rejected_id)
+            row: dict[str, Any] = {
+                "prompt": threads.prompt(chosen),
+                "chosen": [{"role": "assistant", "content": chosen.content}],
+                "rejected": [{"role": "assistant", "content": rejected.content}],
+            }
+            if with_ids:
+                row.update(chosen_id=chosen_id, rejected_id=rejected_id,
+                           conversation_id=chosen.conversation_id)
+            rows.append(row)
+        return rows
+
+    return store.db.run(work, write=False)
+
+
+def _events(s: Session, flt: RowFilter, kinds: tuple[str, ...]) -> list[FeedbackEventRow]:
+    q = select(FeedbackEventRow).where(FeedbackEventRow.kind.in_(kinds))
+    if flt.since is not None:
+        q = q.where(FeedbackEventRow.created_at >= flt.since)
+    if flt.after_event_id is not None:
+        q = q.where(FeedbackEventRow.id > flt.after_event_id)
+    if flt.up_to_event_id is not None:
+        q = q.where(FeedbackEventRow.id <= flt.up_to_event_id)
+    if flt.adapter_version is not None:
+        q = q.where(FeedbackEventRow.adapter_version == flt.adapter_version)
+    events = list(s.scalars(q.order_by(FeedbackEventRow.id)))
+    if flt.split != "all":
+        events = [e for e in events if split_of(e.conversation_id, flt.eval_fraction) == flt.split]
+    return events
+
+
+class _Threads:
+    """The messages of a set of conversations, loaded once, to rebuild prompts."""
+
+    def __init__(self, s: Session, conversation_ids: set[int]) -> None:
+        self.messages: dict[int, MessageRow] = {}
+        self.system: dict[int, str | None] = {}
+        ids = sorted(conversation_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            for m in s.scalars(select(MessageRow).where(MessageRow.conversation_id.in_(chunk))):
+                self.messages[m.id] = m
+            for c in s.scalars(select(ConversationRow).where(ConversationRow.id.in_(chunk))):
+                self.system[c.id] = c.system_prompt
+
+    def message(self, message_id: int) -> MessageRow:
+        return self.messages[message_id]
+
+    def prompt(self, reply: MessageRow) -> list[dict[str, str]]:
+        chain = []
+        cur = self.messages.get(reply.parent_id) if reply.parent_id else None
+        while cur is not None:
+            chain.append({"role": cur.role, "content": cur.content})
+            cur = self.messages.get(cur.parent_id) if cur.parent_id else None
+        system = self.system.get(reply.conversation_id)
+        if system and not (chain and chain[-1]["role"] == "system"):
+            chain.append({"role": "system", "content": system})
+        return chain[::-1]

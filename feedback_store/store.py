@@ -1,0 +1,491 @@
+"""The feedback store: conversations, replies, and what users said about them.
+
+Every public method is one unit of work (one transaction) and takes keyword
+arguments only. Records returned are frozen dataclasses. Nothing is overwritten:
+an edit is a new reply linked to the original, a regenerate is a sibling, a vote
+change is a new event (the latest vote of a user counts, see ``datasets``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from . import convert
+from .convert import check_id, check_tags, check_text, check_user
+from .db import Database, upgrade
+from .errors import InvalidInput, NotFound
+from .models import ConversationRow, FeedbackEventRow, MessageRow
+from .records import (
+    EVENT_KINDS,
+    RATINGS,
+    REPLY_ORIGINS,
+    Conversation,
+    FeedbackEvent,
+    FeedbackLogRow,
+    Message,
+)
+
+DEFAULT_MAX_MESSAGE_CHARS = 32_000
+DEFAULT_MAX_COMMENT_CHARS = 4_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
+    max_comment_chars: int = DEFAULT_MAX_COMMENT_CHARS
+
+
+class FeedbackStore:
+    """Open with ``FeedbackStore.open(url)``; see the module docstring for the contract."""
+
+    def __init__(self, db: Database, *, limits: Limits | None = None) -> None:
+        self.db = db
+        self.limits = limits or Limits()
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True, limits: Limits | None = None) -> FeedbackStore:
+        db = Database(url)
+        if migrate:
+            upgrade(db)
+        return cls(db, limits=limits)
+
+    @property
+    def registry(self):  # type: ignore[no-untyped-def]
+        from .registry import Registry
+
+        return Registry(self.db)
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    # -- conversations and messages ---------------------------------------------------
+
+    def create_conversation(
+        self,
+        *,
+        user_id: str | None = None,
+        client_key: str | None = None,
+        source: str = "ui",
+        system_prompt: str | None = None,
+    ) -> Conversation:
+        user_id = check_user(user_id)
+        if system_prompt is not None:
+            system_prompt = check_text(
+                system_prompt, "system prompt", max_chars=self.limits.max_message_chars,
+                allow_empty=True,
+            ) or None
+
+        def work(s: Session) -> Conversation:
+            row = ConversationRow(
+                user_id=user_id, client_key=client_key, source=source, system_prompt=system_prompt
+            )
+            s.add(row)
+            s.flush()
+            return convert.conversation(row)
+
+        return self.db.run(work)
+
+    def add_user_message(
+        self,
+        *,
+        conversation_id: int,
+        content: str,
+        parent_id: int | None = None,
+        user_id: str | None = None,
+    ) -> Message:
+        """Append a user turn. ``parent_id`` defaults to the conversation's latest message."""
+        conversation_id = check_id(conversation_id, "conversation id")
+        content = check_text(content, "message", max_chars=self.limits.max_message_chars)
+        user_id = check_user(user_id)
+        if parent_id is not None:
+            parent_id = check_id(parent_id, "parent id")
+
+        def work(s: Session) -> Message:
+            conv = _get(s, ConversationRow, conversation_id, "conversation")
+            parent = parent_id
+            if parent is None:
+                parent = s.scalar(
+                    select(func.max(MessageRow.id)).where(MessageRow.conversation_id == conv.id)
+                )
+            else:
+                p = _get(s, MessageRow, parent, "message")
+                if p.conversation_id != conv.id:
+                    raise InvalidInput(f"message {parent} belongs to another conversation")
+                if p.role == "user":
+                    raise InvalidInput("a user message must follow a reply, not another user message")
+            row = MessageRow(
+                conversation_id=conv.id, parent_id=parent, role="user", content=content,
+                user_id=user_id or conv.user_id,
+            )
+            s.add(row)
+            s.flush()
+            return convert.message(row)
+
+        return self.db.run(work)
+
+    def add_reply(
+        self,
+        *,
+        content: str,
+        parent_id: int | None = None,
+        source_reply_id: int | None = None,
+        origin: str | None = None,
+        adapter_version: str | None = None,
+        model_name: str | None = None,
+        generation: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> Message:
+        """Store a model reply to the user message ``parent_id``.
+
+        A regeneration passes ``source_reply_id`` (the reply it replaces) instead of
+        ``parent_id``; it becomes a sibling of that reply. A generated reply may be
+        empty (the model can stop at once); it is stored as it was.
+        """
+        content = check_text(
+            content, "reply", max_chars=self.limits.max_message_chars, allow_empty=True
+        )
+        if (parent_id is None) == (source_reply_id is None):
+            raise InvalidInput("give exactly one of parent_id or source_reply_id")
+        origin = origin or ("regenerated" if source_reply_id is not None else "generated")
+        if origin not in REPLY_ORIGINS:
+            raise InvalidInput(f"origin must be one of {REPLY_ORIGINS}, not {origin!r}")
+
+        def work(s: Session) -> Message:
+            if source_reply_id is not None:
+                src = _get_reply(s, check_id(source_reply_id, "reply id"))
+                parent = _get(s, MessageRow, src.parent_id, "message")
+            else:
+                parent = _get(s, MessageRow, check_id(parent_id, "parent id"), "message")
+                if parent.role != "user":
+                    raise InvalidInput(f"message {parent.id} is not a user message")
+            row = MessageRow(
+                conversation_id=parent.conversation_id, parent_id=parent.id, role="assistant",
+                content=content, origin=origin, source_reply_id=source_reply_id,
+                adapter_version=adapter_version, model_name=model_name,
+                generation=dict(generation or {}), finish_reason=finish_reason,
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            )
+            s.add(row)
+            s.flush()
+            return convert.message(row)
+
+        return self.db.run(work)
+
+    def edit_reply(
+        self, *, reply_id: int, content: str, user_id: str | None = None
+    ) -> tuple[Message, FeedbackEvent]:
+        """Store the reply the user wanted as a new reply linked to the original.
+
+        Returns the new reply and the ``edit`` event; the pair (edit = chosen,
+        original = rejected) is DPO data. The original is never changed.
+        """
+        reply_id = check_id(reply_id, "reply id")
+        content = check_text(content, "edited reply", max_chars=self.limits.max_message_chars)
+        user_id = check_user(user_id)
+
+        def work(s: Session) -> tuple[Message, FeedbackEvent]:
+            orig = _get_reply(s, reply_id)
+            if content.strip() == orig.content.strip():
+                raise InvalidInput("the edited reply is the same as the original")
+            row = MessageRow(
+                conversation_id=orig.conversation_id, parent_id=orig.parent_id, role="assistant",
+                content=content, origin="edit", source_reply_id=orig.id, user_id=user_id,
+                model_name="human edit",
+            )
+            s.add(row)
+            s.flush()
+            ev = FeedbackEventRow(
+                kind="edit", reply_id=orig.id, other_reply_id=row.id,
+                conversation_id=orig.conversation_id, adapter_version=orig.adapter_version,
+                user_id=user_id,
+            )
+            s.add(ev)
+            s.flush()
+            return convert.message(row), convert.event(ev)
+
+        return self.db.run(work)
+
+    # -- feedback ---------------------------------------------------------------------
+
+    def rate(
+        self,
+        *,
+        reply_id: int,
+        rating: str,
+        comment: str | None = None,
+        tags: Iterable[str] | None = None,
+        user_id: str | None = None,
+    ) -> FeedbackEvent:
+        """Record a thumbs up or down (optionally with a comment and free tags)."""
+        if rating not in RATINGS:
+            raise InvalidInput(f"rating must be 'up' or 'down', not {rating!r}")
+        return self._add_event(
+            kind=rating, reply_id=reply_id, comment=comment, tags=tags, user_id=user_id
+        )
+
+    def comment(
+        self,
+        *,
+        reply_id: int,
+        comment: str,
+        tags: Iterable[str] | None = None,
+        user_id: str | None = None,
+    ) -> FeedbackEvent:
+        """Record a comment (and tags) on a reply, without a vote."""
+        if comment is None:
+            raise InvalidInput("comment is empty")
+        return self._add_event(
+            kind="comment", reply_id=reply_id, comment=comment, tags=tags, user_id=user_id
+        )
+
+    def choose(
+        self, *, chosen_id: int, rejected_id: int, user_id: str | None = None
+    ) -> FeedbackEvent:
+        """Record that the user preferred one sibling reply over another."""
+        chosen_id = check_id(chosen_id, "chosen reply id")
+        rejected_id = check_id(rejected_id, "rejected reply id")
+        user_id = check_user(user_id)
+        if chosen_id == rejected_id:
+            raise InvalidInput("a reply cannot be chosen over itself")
+
+        def work(s: Session) -> FeedbackEvent:
+            chosen = _get_reply(s, chosen_id)
+            rejected = _get_reply(s, rejected_id)
+            if chosen.parent_id != rejected.parent_id:
+                raise InvalidInput(
+                    f"replies {chosen_id} and {rejected_id} answer different messages; "
+                    "only sibling replies can be compared"
+                )
+            ev = FeedbackEventRow(
+                kind="choice", reply_id=chosen.id, other_reply_id=rejected.id,
+                conversation_id=chosen.conversation_id, adapter_version=chosen.adapter_version,
+                user_id=user_id,
+            )
+            s.add(ev)
+            s.flush()
+            return convert.event(ev)
+
+        return self.db.run(work)
+
+    def _add_event(
+        self,
+        *,
+        kind: str,
+        reply_id: int,
+        comment: str | None,
+        tags: Iterable[str] | None,
+        user_id: str | None,
+    ) -> FeedbackEvent:
+        reply_id = check_id(reply_id, "reply id")
+        if comment is not None:
+            comment = check_text(comment, "comment", max_chars=self.limits.max_comment_chars)
+        tag_list = check_tags(tags)
+        user_id = check_user(user_id)
+
+        def work(s: Session) -> FeedbackEvent:
+            reply = _get_reply(s, reply_id)
+            ev = FeedbackEventRow(
+                kind=kind, reply_id=reply.id, conversation_id=reply.conversation_id,
+                adapter_version=reply.adapter_version, user_id=user_id, comment=comment,
+                tags=tag_list or None,
+            )
+            s.add(ev)
+            s.flush()
+            return convert.event(ev)
+
+        return self.db.run(work)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def get_conversation(self, conversation_id: int) -> Conversation:
+        cid = check_id(conversation_id, "conversation id")
+        return self.db.run(
+            lambda s: convert.conversation(_get(s, ConversationRow, cid, "conversation")),
+            write=False,
+        )
+
+    def get_message(self, message_id: int) -> Message:
+        mid = check_id(message_id, "message id")
+        return self.db.run(
+            lambda s: convert.message(_get(s, MessageRow, mid, "message")), write=False
+        )
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        """Every message of a conversation (all branches), oldest first."""
+        cid = check_id(conversation_id, "conversation id")
+
+        def work(s: Session) -> list[Message]:
+            _get(s, ConversationRow, cid, "conversation")
+            rows = s.scalars(
+                select(MessageRow).where(MessageRow.conversation_id == cid).order_by(MessageRow.id)
+            )
+            return [convert.message(r) for r in rows]
+
+        return self.db.run(work, write=False)
+
+    def context(self, message_id: int) -> list[Message]:
+        """The thread from the first message down to ``message_id`` inclusive."""
+        mid = check_id(message_id, "message id")
+
+        def work(s: Session) -> list[Message]:
+            row = _get(s, MessageRow, mid, "message")
+            rows = {
+                r.id: r
+                for r in s.scalars(
+                    select(MessageRow).where(MessageRow.conversation_id == row.conversation_id)
+                )
+            }
+            chain = []
+            cur: MessageRow | None = row
+            while cur is not None:
+                chain.append(convert.message(cur))
+                cur = rows.get(cur.parent_id) if cur.parent_id else None
+            return chain[::-1]
+
+        return self.db.run(work, write=False)
+
+    def siblings(self, reply_id: int) -> list[Message]:
+        """All replies to the same user message as ``reply_id`` (itself included)."""
+        rid = check_id(reply_id, "reply id")
+
+        def work(s: Session) -> list[Message]:
+            reply = _get_reply(s, rid)
+            rows = s.scalars(
+                select(MessageRow)
+                .where(MessageRow.parent_id == reply.parent_id, MessageRow.role == "assistant")
+                .order_by(MessageRow.id)
+            )
+            return [convert.message(r) for r in rows]
+
+        return self.db.run(work, write=False)
+
+    def events_for(self, reply_id: int) -> list[FeedbackEvent]:
+        """Every feedback event about ``reply_id`` (as the rated or the other reply)."""
+        rid = check_id(reply_id, "reply id")
+
+        def work(s: Session) -> list[FeedbackEvent]:
+            _get_reply(s, rid)
+            rows = s.scalars(
+                select(FeedbackEventRow)
+                .where(or_(FeedbackEventRow.reply_id == rid, FeedbackEventRow.other_reply_id == rid))
+                .order_by(FeedbackEventRow.id)
+            )
+            return [convert.event(r) for r in rows]
+
+        return self.db.run(work, write=False)
+
+    def count_events(self, *, after_id: int | None = None, kinds: Sequence[str] | None = None) -> int:
+        def work(s: Session) -> int:
+            q = select(func.count(FeedbackEventRow.id))
+            if after_id is not None:
+                q = q.where(FeedbackEventRow.id > after_id)
+            if kinds:
+                q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
+            return int(s.scalar(q) or 0)
+
+        return self.db.run(work, write=False)
+
+    def last_event_id(self) -> int | None:
+        return self.db.run(lambda s: s.scalar(select(func.max(FeedbackEventRow.id))), write=False)
+
+    def counts(self) -> dict[str, int]:
+        """Row counts per table and per feedback kind (for metrics and checks)."""
+
+        def work(s: Session) -> dict[str, int]:
+            out = {
+                "conversations": int(s.scalar(select(func.count(ConversationRow.id))) or 0),
+                "messages": int(s.scalar(select(func.count(MessageRow.id))) or 0),
+                "events": int(s.scalar(select(func.count(FeedbackEventRow.id))) or 0),
+            }
+            for kind, n in s.execute(
+                select(FeedbackEventRow.kind, func.count()).group_by(FeedbackEventRow.kind)
+            ):
+                out[f"events.{kind}"] = int(n)
+            return out
+
+        return self.db.run(work, write=False)
+
+    def feedback_log(
+        self,
+        *,
+        kinds: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        adapter_version: str | None = None,
+        user_id: str | None = None,
+        search: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[FeedbackLogRow]:
+        """Newest-first page of feedback events with their reply and prompt.
+
+        Keyset paging: pass the last row's event id as ``before_id`` for the next page.
+        """
+        if kinds:
+            bad = [k for k in kinds if k not in EVENT_KINDS]
+            if bad:
+                raise InvalidInput(f"unknown feedback kinds {bad}; known: {EVENT_KINDS}")
+        if not 1 <= limit <= 1000:
+            raise InvalidInput("limit must be between 1 and 1000")
+        reply = aliased(MessageRow)
+        prompt = aliased(MessageRow)
+        other = aliased(MessageRow)
+
+        def work(s: Session) -> list[FeedbackLogRow]:
+            q = (
+                select(FeedbackEventRow, reply.content, reply.adapter_version, prompt.content,
+                       other.content)
+                .join(reply, reply.id == FeedbackEventRow.reply_id)
+                .outerjoin(prompt, prompt.id == reply.parent_id)
+                .outerjoin(other, other.id == FeedbackEventRow.other_reply_id)
+            )
+            if kinds:
+                q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
+            if since is not None:
+                q = q.where(FeedbackEventRow.created_at >= since)
+            if until is not None:
+                q = q.where(FeedbackEventRow.created_at < until)
+            if adapter_version is not None:
+                q = q.where(FeedbackEventRow.adapter_version == adapter_version)
+            if user_id is not None:
+                q = q.where(FeedbackEventRow.user_id == user_id)
+            if search:
+                pat = f"%{search}%"
+                q = q.where(
+                    or_(reply.content.ilike(pat), prompt.content.ilike(pat),
+                        FeedbackEventRow.comment.ilike(pat), other.content.ilike(pat))
+                )
+            if before_id is not None:
+                q = q.where(FeedbackEventRow.id < before_id)
+            q = q.order_by(FeedbackEventRow.id.desc()).limit(limit)
+            return [
+                FeedbackLogRow(
+                    event=convert.event(ev), reply_content=rc, reply_adapter_version=rv,
+                    prompt=pc, other_content=oc,
+                )
+                for ev, rc, rv, pc, oc in s.execute(q)
+            ]
+
+        return self.db.run(work, write=False)
+
+
+def _get(s: Session, model: type, key: Any, what: str) -> Any:
+    row = s.get(model, key) if key is not None else None
+    if row is None:
+        raise NotFound(f"no {what} with id {key}")
+    return row
+
+
+def _get_reply(s: Session, reply_id: int) -> MessageRow:
+    row = _get(s, MessageRow, reply_id, "reply")
+    if row.role != "assistant":
+        raise InvalidInput(f"message {reply_id} is a {row.role} message, not a reply")
+    return row
