@@ -8,6 +8,7 @@ cannot be upgraded. Any PostgreSQL URL works for several machines.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -153,10 +154,10 @@ def upgrade(db: Database, revision: str = "head") -> None:
     queue instead of racing to create the same tables.
     """
     from alembic import command
-    from alembic.config import Config
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg = _alembic_config()
+    if revision == "head" and current_revision(db) == head_revision():
+        return  # already current: skip Alembic's (slow) environment set-up
     write_engine = db.engine.execution_options(write=True)
     try:
         with write_engine.begin() as conn:
@@ -168,8 +169,26 @@ def upgrade(db: Database, revision: str = "head") -> None:
         raise StoreUnavailable(f"cannot upgrade the database: {exc.orig}") from exc
 
 
+def _alembic_config():  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    return cfg
+
+
+@functools.cache
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
 def current_revision(db: Database) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with db.engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    try:
+        with db.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise StoreUnavailable(f"the database is unavailable: {exc.orig}") from exc

@@ -1,0 +1,154 @@
+"""The served app: one FastAPI application with the Gradio chat page mounted.
+
+    GET  /healthz    200 {"status": "ok", "adapter_version": ...} when ready, 503 if not
+    GET  /metrics    Prometheus text
+    /                the chat page (Gradio)
+
+``build_services`` opens the store (migrating it), loads the model, starts the
+adapter watcher and, unless turned off, the retraining scheduler; ``create_app``
+assembles the HTTP app over them. Tests build both over tiny models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from feedback_store import FeedbackStore, StoreError
+
+from .hotswap import AdapterWatcher
+from .metrics import MeteredEngine, Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: FeedbackStore
+    engine: Any  # MeteredEngine over chat_app.engine.Engine
+    metrics: Metrics
+    watcher: AdapterWatcher | None = None
+    scheduler: Any | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.engine.close()
+        self.store.close()
+
+
+def build_services(settings: Settings, *, engine: Any | None = None,
+                   store: FeedbackStore | None = None, start_watcher: bool = True,
+                   start_scheduler: bool | None = None) -> Services:
+    from .engine import Engine, EngineConfig
+
+    store = store or FeedbackStore.open(settings.resolved_database_url)
+    if engine is None:
+        from .model_source import resolve_model
+
+        engine = Engine.from_config(EngineConfig(
+            model=resolve_model(settings),
+            device=settings.device or None,
+            quantize_4bit={"auto": None, "on": True, "off": False}[settings.quantize_4bit],
+            max_input_tokens=settings.max_input_tokens,
+            max_concurrent=settings.max_concurrent,
+            max_queued=settings.max_queued,
+        ))
+    metrics = Metrics()
+    metrics.add_store_collector(store.counts)
+    services = Services(settings=settings, store=store, engine=MeteredEngine(engine, metrics),
+                        metrics=metrics)
+    metrics.set_active(engine.active_version)
+    if start_watcher:
+        services.watcher = AdapterWatcher(store.registry, engine,
+                                          poll_seconds=settings.adapter_poll_seconds,
+                                          metrics=metrics).start()
+    if start_scheduler if start_scheduler is not None else settings.scheduler:
+        services.scheduler = _start_scheduler(settings)
+    return services
+
+
+def _start_scheduler(settings: Settings) -> Any | None:
+    try:
+        from retrain import start_scheduler
+    except ImportError:
+        log.warning("retraining is not installed here; the scheduler is off")
+        return None
+    from .cli import _retrain_settings
+
+    return start_scheduler(settings=_retrain_settings(settings),
+                           interval_minutes=settings.retrain_interval_minutes,
+                           min_feedback=settings.retrain_min_feedback)
+
+
+def create_app(services: Services) -> FastAPI:
+    import gradio as gr
+
+    from .ui.page import ChatPageSettings, build_chat_page
+
+    settings = services.settings
+    app = FastAPI(title="feedback-chat", version="0.1.0")
+    app.state.services = services
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or ("/gradio" if "gradio" in request.url.path else "other")
+        services.metrics.http_requests.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        try:
+            services.store.db.ping()
+        except StoreError as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return JSONResponse({
+            "status": "ok",
+            "model": services.engine.model_name,
+            "adapter_version": services.engine.active_version,
+            "loaded_versions": services.engine.loaded_versions(),
+            "uptime_seconds": round(time.time() - services.started_at, 1),
+        })
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(services.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from .engine import SamplingParams
+
+    page = build_chat_page(store=services.store, engine=services.engine, settings=ChatPageSettings(
+        max_message_chars=settings.max_message_chars,
+        default_system_prompt=settings.system_prompt,
+        sampling=SamplingParams(max_new_tokens=settings.max_new_tokens,
+                                temperature=settings.temperature, top_p=settings.top_p),
+    ))
+    page.queue(default_concurrency_limit=settings.max_concurrent + settings.max_queued)
+    logins = settings.user_logins()
+    return gr.mount_gradio_app(app, page, path="/", auth=logins or None)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    log.info("settings: %s", settings.public_dict())
+    services = build_services(settings)
+    app = create_app(services)
+    log.info("chat page on http://%s:%d/", settings.host, settings.port)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    finally:
+        services.close()
+    return 0

@@ -1,0 +1,192 @@
+"""Service settings: defaults < environment (FEEDBACK_CHAT_*) < command-line flags.
+
+Every problem is reported at once (``SettingsError`` lists them all), so an
+operator fixes a configuration in one go instead of one restart per typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FEEDBACK_CHAT_"
+
+
+class SettingsError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n  - " + "\n  - ".join(problems))
+
+
+def _meta(help: str, *, secret: bool = False) -> dict[str, Any]:
+    return {"help": help, "secret": secret}
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default=Path("data"), metadata=_meta(
+        "folder for the SQLite database, the demo model and the adapters"))
+    database_url: str = field(default="", metadata=_meta(
+        "SQLAlchemy URL; empty: a SQLite file in the data folder; postgresql://... for "
+        "several machines", secret=True))
+    model: str = field(default="", metadata=_meta(
+        "Hugging Face model id or local path; empty: the built-in demo model"))
+    adapters_dir: Path | None = field(default=None, metadata=_meta(
+        "folder of adapter versions (default: DATA_DIR/adapters); share it between machines"))
+    host: str = field(default="127.0.0.1", metadata=_meta("address to listen on"))
+    port: int = field(default=7860, metadata=_meta("port to listen on"))
+    production: bool = field(default=False, metadata=_meta(
+        "production mode: operator credentials and API keys are required"))
+    quantize_4bit: str = field(default="auto", metadata=_meta(
+        "auto (4-bit NF4 on CUDA, full precision on CPU), on or off"))
+    device: str = field(default="", metadata=_meta("cuda, cpu, ... (default: cuda if present)"))
+    max_message_chars: int = field(default=4000, metadata=_meta("longest user message accepted"))
+    max_new_tokens: int = field(default=256, metadata=_meta("default reply length limit"))
+    temperature: float = field(default=0.7, metadata=_meta("default sampling temperature"))
+    top_p: float = field(default=0.95, metadata=_meta("default nucleus sampling top-p"))
+    max_input_tokens: int = field(default=2048, metadata=_meta(
+        "prompt budget; the oldest turns are trimmed first"))
+    max_concurrent: int = field(default=8, metadata=_meta("generations advancing at once"))
+    max_queued: int = field(default=32, metadata=_meta(
+        "requests waiting beyond those; more get 'busy, try again'"))
+    system_prompt: str = field(default="", metadata=_meta("default system prompt"))
+    users: str = field(default="", metadata=_meta(
+        "chat logins 'name:password,name2:password2'; empty: no login", secret=True))
+    operator_user: str = field(default="", metadata=_meta("operator console login name"))
+    operator_password: str = field(default="", metadata=_meta(
+        "operator console password", secret=True))
+    api_keys: str = field(default="", metadata=_meta(
+        "comma-separated API keys for /v1 (required in production mode)", secret=True))
+    retrain_interval_minutes: float = field(default=60.0, metadata=_meta(
+        "how often the scheduler considers a training round"))
+    retrain_min_feedback: int = field(default=20, metadata=_meta(
+        "new feedback events needed before a scheduled round runs"))
+    scheduler: bool = field(default=True, metadata=_meta(
+        "run the retraining scheduler inside this server"))
+    adapter_poll_seconds: float = field(default=2.0, metadata=_meta(
+        "how often the server checks the registry for a newly active adapter"))
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir.resolve() / 'feedback.db'}"
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        return self.adapters_dir or self.data_dir / "adapters"
+
+    def problems(self) -> list[str]:
+        p = []
+        if not 1 <= self.port <= 65535:
+            p.append(f"port must be 1-65535, not {self.port}")
+        if self.quantize_4bit not in ("auto", "on", "off"):
+            p.append(f"quantize_4bit must be auto, on or off, not {self.quantize_4bit!r}")
+        for name in ("max_message_chars", "max_new_tokens", "max_input_tokens", "max_concurrent"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be at least 1")
+        if self.max_queued < 0:
+            p.append("max_queued must be 0 or more")
+        if not 0.0 <= self.temperature <= 5.0:
+            p.append("temperature must be between 0 and 5")
+        if not 0.0 < self.top_p <= 1.0:
+            p.append("top_p must be in (0, 1]")
+        if self.retrain_interval_minutes <= 0:
+            p.append("retrain_interval_minutes must be positive")
+        if self.retrain_min_feedback < 0:
+            p.append("retrain_min_feedback must be 0 or more")
+        if self.adapter_poll_seconds <= 0:
+            p.append("adapter_poll_seconds must be positive")
+        if self.users:
+            try:
+                self.user_logins()
+            except ValueError as exc:
+                p.append(str(exc))
+        if bool(self.operator_user) != bool(self.operator_password):
+            p.append("set both operator_user and operator_password, or neither")
+        if self.production:
+            if not (self.operator_user and self.operator_password):
+                p.append("production mode needs FEEDBACK_CHAT_OPERATOR_USER and "
+                         "FEEDBACK_CHAT_OPERATOR_PASSWORD (there is no default password)")
+            elif len(self.operator_password) < 12:
+                p.append("in production mode the operator password needs 12 characters or more")
+            if not self.api_keys:
+                p.append("production mode needs FEEDBACK_CHAT_API_KEYS for the /v1 API")
+        return p
+
+    def validate(self) -> Settings:
+        problems = self.problems()
+        if problems:
+            raise SettingsError(problems)
+        return self
+
+    def user_logins(self) -> list[tuple[str, str]]:
+        out = []
+        for item in filter(None, (s.strip() for s in self.users.split(","))):
+            name, sep, pw = item.partition(":")
+            if not sep or not name or not pw:
+                raise ValueError("users must look like 'name:password,name2:password2'")
+            out.append((name, pw))
+        return out
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs and the console."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and v else (
+                str(v) if isinstance(v, Path) else v)
+        return out
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if "bool" in kind:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if "Path" in kind:
+        return Path(raw) if raw else None if "None" in kind else Path(".")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return raw
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from FEEDBACK_CHAT_* variables and ``overrides`` (flags; None = unset),
+    validate them, and raise SettingsError listing every problem."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    names = {f.name: f for f in fields(Settings)}
+    for name, f in names.items():
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            try:
+                values[name] = _parse(f, environ[key])
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+    for name, v in (overrides or {}).items():
+        if name not in names:
+            problems.append(f"unknown setting {name!r}")
+        elif v is not None:
+            values[name] = Path(v) if "Path" in str(names[name].type) and isinstance(v, str) else v
+    settings = Settings(**{k: v for k, v in values.items() if k in names})
+    problems += settings.problems()
+    if problems:
+        raise SettingsError(problems)
+    return settings

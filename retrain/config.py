@@ -1,0 +1,69 @@
+"""What a training round needs to know, passed from the server or CLI to the worker."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    database_url: str
+    adapters_dir: str
+    model: str
+    device: str | None = None
+    quantize_4bit: bool | None = None
+    eval_fraction: float = 0.2
+    # TrainConfig and GateConfig overrides, e.g. {"kto_steps": 20}; also read from
+    # FEEDBACK_CHAT_TRAIN_<NAME> and FEEDBACK_CHAT_GATE_<NAME> environment variables.
+    train: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    heartbeat_seconds: float = 5.0
+    stale_after_seconds: float = 600.0  # a run silent this long is declared dead
+
+    @classmethod
+    def coerce(cls, value: RetrainSettings | dict[str, Any]) -> RetrainSettings:
+        if isinstance(value, cls):
+            return value
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def train_config(self):  # type: ignore[no-untyped-def]
+        from .train import TrainConfig
+
+        overrides = {**_env_overrides("FEEDBACK_CHAT_TRAIN_", TrainConfig), **self.train}
+        overrides.setdefault("device", self.device)
+        overrides.setdefault("quantize_4bit", self.quantize_4bit)
+        cfg = TrainConfig(**overrides)
+        cfg.validate()
+        return cfg
+
+    def gate_config(self):  # type: ignore[no-untyped-def]
+        from .evaluate import GateConfig
+
+        cfg = GateConfig(**{**_env_overrides("FEEDBACK_CHAT_GATE_", GateConfig), **self.gate})
+        cfg.validate()
+        return cfg
+
+
+def _env_overrides(prefix: str, cls: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = os.environ.get(prefix + f.name.upper())
+        if raw is None:
+            continue
+        default = getattr(cls(), f.name)
+        if isinstance(default, bool):
+            out[f.name] = raw.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            out[f.name] = int(raw)
+        elif isinstance(default, float):
+            out[f.name] = float(raw)
+        else:
+            out[f.name] = raw
+    return out

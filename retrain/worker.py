@@ -1,0 +1,185 @@
+"""One training round, run in its own process: ``python -m retrain.worker RUN_ID SETTINGS_JSON``.
+
+Phases: snapshot the feedback (up to the newest event id), build the KTO and DPO
+rows (training split; the held-out split is kept for the gate), train from the
+active adapter, publish the candidate folder atomically, register it, evaluate
+candidate and active adapter on the same held-out rows and canaries, and promote or
+reject with reasons. Progress and metrics are written to the run's row as it goes,
+and a heartbeat thread keeps the row fresh so a dead worker is noticed.
+
+Any failure marks the run failed with its error; the serving process is untouched.
+For tests, FEEDBACK_CHAT_RETRAIN_FAULT=exception|oom|kill makes the first training
+step fail in that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from feedback_store import FeedbackStore, Registry, RowFilter, build_dpo_rows, build_kto_rows
+
+from .config import RetrainSettings
+from .publish import data_hash, publish, temp_dir
+
+log = logging.getLogger("retrain.worker")
+FAULT_ENV = "FEEDBACK_CHAT_RETRAIN_FAULT"
+
+
+class _Heartbeat:
+    def __init__(self, registry: Registry, run_id: int, every: float) -> None:
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, args=(registry, run_id, every), daemon=True)
+
+    def _loop(self, registry: Registry, run_id: int, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                registry.update_run(run_id)
+            except Exception:  # a missed heartbeat is not fatal; the next one retries
+                log.warning("heartbeat failed", exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+
+def _inject_fault() -> None:
+    fault = os.environ.get(FAULT_ENV)
+    if fault == "exception":
+        raise RuntimeError(f"injected training failure ({FAULT_ENV}=exception)")
+    if fault == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by " + FAULT_ENV + ")")
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_round(run_id: int, settings: RetrainSettings) -> str:
+    """Execute run ``run_id``; returns its final status."""
+    from .evaluate import DEFAULT_CANARY_PROMPTS, evaluate_adapter, gate_decision
+    from .train import train_round
+
+    store = FeedbackStore.open(settings.database_url)
+    reg = store.registry
+    reg.update_run(run_id, status="running", progress={"phase": "preparing"})
+    with _Heartbeat(reg, run_id, settings.heartbeat_seconds):
+        train_cfg = settings.train_config()
+        gate_cfg = settings.gate_config()
+        last_event = store.last_event_id() or 0
+        snap = {"up_to_event_id": last_event, "eval_fraction": settings.eval_fraction}
+        kto = build_kto_rows(store, RowFilter(split="train", **snap))
+        dpo = build_dpo_rows(store, RowFilter(split="train", **snap))
+        heldout_kto = build_kto_rows(store, RowFilter(split="eval", **snap))
+        heldout_dpo = build_dpo_rows(store, RowFilter(split="eval", **snap))
+        reg.update_run(run_id, kto_rows=len(kto), dpo_rows=len(dpo), last_event_id=last_event,
+                       metrics={"heldout_kto_rows": len(heldout_kto),
+                                "heldout_dpo_rows": len(heldout_dpo)})
+        if not kto and not dpo:
+            reg.update_run(run_id, status="failed",
+                           error="no training rows yet: rate or edit some replies first")
+            return "failed"
+
+        parent = reg.active_version()
+        adapters_dir = Path(settings.adapters_dir)
+        version = reg.next_version_name()
+        tmp = temp_dir(adapters_dir, version)
+        first_step = [True]
+
+        def progress(rec: dict[str, Any]) -> None:
+            if first_step[0]:
+                first_step[0] = False
+                _inject_fault()
+            reg.update_run(run_id, progress=rec, history=[rec])
+
+        t0 = time.perf_counter()
+        result = train_round(base_model=settings.model,
+                             parent_adapter=Path(parent.path) if parent else None,
+                             kto_rows=kto, dpo_rows=dpo, out_dir=tmp, config=train_cfg,
+                             progress=progress)
+        train_seconds = time.perf_counter() - t0
+
+        reg.update_run(run_id, progress={"phase": "evaluating"})
+        common = dict(base_model=settings.model, heldout_kto=heldout_kto, heldout_dpo=heldout_dpo,
+                      canary_prompts=DEFAULT_CANARY_PROMPTS, beta=train_cfg.beta,
+                      device=settings.device)
+        cand_report = evaluate_adapter(adapter_path=tmp, **common)
+        active_report = evaluate_adapter(adapter_path=Path(parent.path) if parent else None,
+                                         **common)
+        promote, reasons = gate_decision(cand_report, active_report, gate_cfg)
+
+        manifest = {
+            "parent_version": parent.version if parent else None,
+            "base_model": settings.model,
+            "data_hash": data_hash(kto, dpo),
+            "rows": {"kto": len(kto), "dpo": len(dpo)},
+            "last_event_id": last_event,
+            "train_metrics": result.metrics,
+            "eval": cand_report.to_dict(),
+            "eval_active": active_report.to_dict(),
+            "config": {k: v for k, v in vars(train_cfg).items()},
+            "run_id": run_id,
+        }
+        while True:  # another trainer may have taken the name meanwhile: take the next
+            try:
+                publish(tmp, adapters_dir, version, manifest)
+                break
+            except FileExistsError:
+                version = reg.next_version_name()
+        metrics = {**{f"train/{k}": v for k, v in result.metrics.items()},
+                   **cand_report.to_dict(), "train_seconds": round(train_seconds, 2),
+                   "active/pair_accuracy": active_report.pair_accuracy,
+                   "active/kto_separation": active_report.kto_separation}
+        reg.register_version(version=version, path=str(adapters_dir / version),
+                             parent_version=manifest["parent_version"], run_id=run_id,
+                             data_hash=manifest["data_hash"], metrics=metrics)
+        if promote:
+            reg.activate(version, reasons=reasons)
+            status, decision = "succeeded", "promoted"
+        else:
+            reg.set_status(version, "rejected", reasons=reasons)
+            status, decision = "rejected", "rejected"
+        reg.update_run(run_id, status=status, decision=decision, candidate_version=version,
+                       reasons=reasons, metrics=metrics, progress={"phase": "done"})
+        return status
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if "OutOfMemory" in name or "out of memory" in str(exc).lower():
+        return f"out of memory during training: {exc}. Lower train batch_size or max_length."
+    return f"{name}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    run_id, settings = int(argv[0]), RetrainSettings.coerce(__import__("json").loads(argv[1]))
+    try:
+        status = run_round(run_id, settings)
+        log.info("run %d finished: %s", run_id, status)
+        return 0
+    except BaseException as exc:  # record every failure, then exit non-zero
+        traceback.print_exc()
+        try:
+            reg = FeedbackStore.open(settings.database_url).registry
+            reg.update_run(run_id, status="failed", error=_describe(exc),
+                           progress={"phase": "failed"})
+        except Exception:
+            log.exception("could not record the failure of run %d", run_id)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
