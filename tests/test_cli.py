@@ -1,0 +1,102 @@
+"""The `feedback-chat` command and its settings, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chat_app.settings import Settings, SettingsError, load_settings
+from feedback_store import FeedbackStore
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "chat_app", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, cwd=cwd, timeout=120,
+    )
+
+
+def test_settings_report_every_problem_at_once():
+    with pytest.raises(SettingsError) as err:
+        load_settings(environ={
+            "FEEDBACK_CHAT_PORT": "seventy", "FEEDBACK_CHAT_TOP_P": "2",
+            "FEEDBACK_CHAT_PRODUCTION": "true", "FEEDBACK_CHAT_USERS": "alice",
+        })
+    text = str(err.value)
+    for fragment in ("FEEDBACK_CHAT_PORT", "top_p", "OPERATOR_PASSWORD", "API_KEYS", "users"):
+        assert fragment in text
+    assert len(err.value.problems) == 5
+
+
+def test_flags_override_environment_and_defaults_are_embedded(tmp_path):
+    s = load_settings({"port": 9000}, environ={"FEEDBACK_CHAT_PORT": "8000",
+                                               "FEEDBACK_CHAT_DATA_DIR": str(tmp_path)})
+    assert s.port == 9000 and s.data_dir == tmp_path
+    assert s.resolved_database_url == f"sqlite:///{tmp_path.resolve() / 'feedback.db'}"
+    assert Settings().model == "" and Settings().resolved_adapters_dir == Path("data/adapters")
+
+
+def test_production_mode_needs_a_real_operator_password():
+    env = {"FEEDBACK_CHAT_PRODUCTION": "1", "FEEDBACK_CHAT_OPERATOR_USER": "ops",
+           "FEEDBACK_CHAT_OPERATOR_PASSWORD": "short", "FEEDBACK_CHAT_API_KEYS": "k1"}
+    with pytest.raises(SettingsError, match="12 characters"):
+        load_settings(environ=env)
+    ok = load_settings(environ={**env, "FEEDBACK_CHAT_OPERATOR_PASSWORD": "a-long-password!"})
+    assert ok.public_dict()["operator_password"] == "***"
+
+
+def test_bad_settings_exit_2_with_all_problems(tmp_path):
+    r = cli("db", "upgrade", "--data-dir", str(tmp_path),
+            env={"FEEDBACK_CHAT_PORT": "0", "FEEDBACK_CHAT_MAX_CONCURRENT": "0"})
+    assert r.returncode == 2
+    assert "port must be" in r.stderr and "max_concurrent" in r.stderr
+
+
+def test_db_upgrade_export_and_adapters_commands(tmp_path):
+    r = cli("db", "upgrade", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "revision 0001" in r.stdout
+
+    store = FeedbackStore.open(f"sqlite:///{tmp_path.resolve() / 'feedback.db'}")
+    conv = store.create_conversation()
+    q = store.add_user_message(conversation_id=conv.id, content="Where is Paris?")
+    a = store.add_reply(parent_id=q.id, content="In France.", adapter_version="base")
+    store.rate(reply_id=a.id, rating="up")
+    store.edit_reply(reply_id=a.id, content="Paris is in France, on the Seine.")
+
+    out = tmp_path / "kto.jsonl"
+    r = cli("export", "--kind", "kto", "--out", str(out), "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"prompt": [{"role": "user", "content": "Where is Paris?"}],
+                     "completion": [{"role": "assistant", "content": "In France."}],
+                     "label": True}]
+    out = tmp_path / "dpo.jsonl"
+    r = cli("export", "--kind", "dpo", "--out", str(out), "--data-dir", str(tmp_path),
+            "--split", "all")
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["chosen"][0]["content"] == "Paris is in France, on the Seine."
+    assert row["rejected"][0]["content"] == "In France."
+
+    r = cli("adapters", "list", "--data-dir", str(tmp_path))
+    assert r.returncode == 0 and "base model is served" in r.stdout
+    r = cli("adapters", "promote", "v0042", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "no adapter version 'v0042'" in r.stderr
+    store.registry.register_version(version="v0001", path=str(tmp_path / "a"))
+    r = cli("adapters", "promote", "v0001", "--data-dir", str(tmp_path))
+    assert r.returncode == 0 and store.registry.active_version().version == "v0001"
+    r = cli("adapters", "rollback", "--data-dir", str(tmp_path))
+    assert r.returncode == 0 and "base model" in r.stdout
+    assert store.registry.active_version() is None
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path):
+    r = cli("db", "upgrade", "--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert r.returncode == 1
+    assert "unavailable" in r.stderr and "Traceback" not in r.stderr
