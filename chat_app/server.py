@@ -2,6 +2,7 @@
 
     GET  /healthz    200 {"status": "ok", "adapter_version": ...} when ready, 503 if not
     GET  /metrics    Prometheus text
+    /v1/...          the HTTP API for programs (see chat_app.api.routes)
     /                the chat page (Gradio)
 
 ``build_services`` opens the store (migrating it), loads the model, starts the
@@ -127,8 +128,10 @@ def create_app(services: Services) -> FastAPI:
         return Response(services.metrics.render(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    from .api import install as install_api
     from .engine import SamplingParams
 
+    install_api(app, services)
     page = build_chat_page(store=services.store, engine=services.engine, settings=ChatPageSettings(
         max_message_chars=settings.max_message_chars,
         default_system_prompt=settings.system_prompt,

@@ -1,0 +1,348 @@
+"""The HTTP API for programs.
+
+    POST /v1/chat/completions          OpenAI-compatible (plain and streamed); id = stored reply id
+    GET  /v1/models                    the base model with the active adapter version
+    POST /v1/feedback                  {"reply_id", "rating": "up"|"down", "comment"?, "tags"?}
+    POST /v1/replies/{id}/edit         {"content"}: the reply the user wanted (a DPO pair)
+    POST /v1/replies/{id}/regenerate   a sibling reply, as a chat completion
+    POST /v1/preferences               {"chosen_id", "rejected_id"}: siblings compared
+    GET  /v1/replies/{id}              a reply with its siblings and feedback
+
+Every reply is stored like one from the chat page. Errors use OpenAI's body
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for bad input
+(nothing is written), 401 for a missing or wrong API key, 429 when the engine is
+full ("busy, try again"), 503 when the database is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from feedback_store import Conflict, InvalidInput, NotFound, StoreUnavailable
+from feedback_store.threads import append_turns, complete_reply
+
+from ..engine import AdapterError, EngineBusy, InputTooLong, SamplingParams
+from .schemas import (
+    ChatCompletionRequest,
+    EditRequest,
+    FeedbackRequest,
+    PreferenceRequest,
+    RegenerateRequest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code)
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse({"error": {"message": self.message, "type": self.type,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+def _store_errors(exc: Exception) -> ApiError:
+    if isinstance(exc, NotFound):
+        return ApiError(404, str(exc), code="not_found")
+    if isinstance(exc, InvalidInput):
+        return ApiError(400, str(exc))
+    if isinstance(exc, Conflict):
+        return ApiError(409, str(exc), code="conflict")
+    if isinstance(exc, StoreUnavailable):
+        return ApiError(503, str(exc), type="server_error", code="store_unavailable")
+    raise exc
+
+
+def install(app: FastAPI, services: Any) -> None:
+    """Add the /v1 routes and OpenAI-style error bodies for them to ``app``."""
+    app.include_router(build_router(services))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: "
+                        f"{e.get('msg')}" for e in errors[:5])
+        return ApiError(400, msg or "invalid request", param=loc or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith("/v1"):
+            return ApiError(exc.status_code, str(exc.detail),
+                            type="invalid_request_error").response()
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+
+def build_router(services: Any) -> APIRouter:
+    settings = services.settings
+    keys = settings.api_key_set()
+
+    def require_key(request: Request) -> str | None:
+        if not keys:
+            return None
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or token.strip() not in keys:
+            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           type="authentication_error", code="invalid_api_key")
+        return token.strip()
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    store, engine = services.store, services.engine
+    label = settings.model or "demo-model"
+
+    def model_id(version: str) -> str:
+        return f"{label}:{version}"
+
+    def sampling(max_tokens: int | None, temperature: float | None, top_p: float | None,
+                 stop: tuple[str, ...] = (), seed: int | None = None) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_tokens or settings.max_new_tokens,
+            temperature=settings.temperature if temperature is None else temperature,
+            top_p=settings.top_p if top_p is None else top_p, stop=stop, seed=seed)
+
+    def start(messages: list[dict], params: SamplingParams) -> Any:
+        try:
+            return engine.stream(messages, params)
+        except EngineBusy as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", code="server_busy") from exc
+        except InputTooLong as exc:
+            raise ApiError(400, str(exc), code="context_length_exceeded",
+                           param="messages") from exc
+        except AdapterError as exc:
+            raise ApiError(503, str(exc), type="server_error") from exc
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
+
+    def begin_reply(gen: Any, params: SamplingParams, **where: Any) -> Any:
+        try:
+            return store.add_reply(content="", adapter_version=gen.version,
+                                   model_name=engine.model_name,
+                                   generation=_params(params), prompt_tokens=gen.prompt_tokens,
+                                   **where)
+        except Exception as exc:
+            gen.cancel()
+            raise _store_errors(exc) from exc
+
+    def finish(reply_id: int, gen: Any) -> Any:
+        return complete_reply(store, reply_id=reply_id, content=gen.text,
+                              finish_reason=gen.finish_reason or "cancelled",
+                              completion_tokens=gen.completion_tokens,
+                              prompt_tokens=gen.prompt_tokens)
+
+    def completion_body(reply: Any, gen: Any, conv_id: int, created: int) -> dict[str, Any]:
+        return {
+            "id": str(reply.id), "object": "chat.completion", "created": created,
+            "model": model_id(gen.version), "conversation_id": conv_id,
+            "adapter_version": gen.version,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                         "finish_reason": _finish(gen.finish_reason), "logprobs": None}],
+            "usage": _usage(gen),
+        }
+
+    def events(reply: Any, gen: Any, conv_id: int, created: int,
+               include_usage: bool) -> Iterator[str]:
+        base = {"id": str(reply.id), "object": "chat.completion.chunk", "created": created,
+                "model": model_id(gen.version)}
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                         "logprobs": None}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        stored = False
+        try:
+            yield chunk({"role": "assistant", "content": ""}, conversation_id=conv_id,
+                        adapter_version=gen.version)
+            for piece in gen:
+                yield chunk({"content": piece})
+            # stored before the last chunk, so a client that saw [DONE] finds the reply whole
+            stored = True
+            finish(reply.id, gen)
+            if gen.finish_reason == "error":
+                raise RuntimeError("generation failed")
+            yield chunk({}, _finish(gen.finish_reason))
+            if include_usage:
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(gen)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not stored:  # the client went away: stop generating, keep what was said
+                gen.cancel()
+                try:
+                    finish(reply.id, gen)
+                except Exception:
+                    log.exception("could not store the end of reply %s", reply.id)
+
+    @router.post("/chat/completions", response_model=None)
+    def chat_completions(req: ChatCompletionRequest) -> Any:
+        problems = req.unsupported()
+        if problems:
+            raise ApiError(400, "; ".join(problems), code="unsupported_parameter")
+        try:
+            texts = [(m.role, m.text()) for m in req.messages]
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        system = "\n\n".join(t for r, t in texts if r in ("system", "developer")) or None
+        turns = [(r, t) for r, t in texts if r in ("user", "assistant")]
+        if not turns or turns[-1][0] != "user":
+            raise ApiError(400, "the last message must be a user message", param="messages")
+        for i, (_role, text) in enumerate(texts):
+            if len(text) > settings.max_message_chars:
+                raise ApiError(400, f"message {i} is too long: {len(text)} characters, the "
+                               f"limit is {settings.max_message_chars}", param="messages")
+        if not turns[-1][1].strip():
+            raise ApiError(400, "the last user message is empty", param="messages")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        params = sampling(req.max_completion_tokens or req.max_tokens, req.temperature,
+                          req.top_p, stop, req.seed)
+        prompt = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": r, "content": t} for r, t in turns]
+        gen = start(prompt, params)
+        try:
+            conv, user_msg = append_turns(store, turns=turns, system_prompt=system,
+                                          conversation_id=req.conversation_id, user_id=req.user)
+        except Exception as exc:
+            gen.cancel()
+            raise _store_errors(exc) from exc
+        reply = begin_reply(gen, params, parent_id=user_msg.id)
+        created = int(time.time())
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(events(reply, gen, conv.id, created, include),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            for _ in gen:
+                pass
+        finally:
+            finish(reply.id, gen)
+        if gen.finish_reason == "error":
+            raise ApiError(500, "generation failed", type="server_error")
+        return completion_body(reply, gen, conv.id, created)
+
+    @router.get("/models")
+    def models() -> dict[str, Any]:
+        version = engine.active_version
+        return {"object": "list", "data": [{
+            "id": model_id(version), "object": "model", "created": int(services.started_at),
+            "owned_by": "feedback-chat", "base_model": label, "adapter_version": version,
+        }]}
+
+    @router.post("/feedback")
+    def feedback(req: FeedbackRequest) -> dict[str, Any]:
+        try:
+            if req.rating is None:
+                if req.comment is None:
+                    raise InvalidInput("give a rating ('up' or 'down'), a comment, or both")
+                ev = store.comment(reply_id=req.reply_id, comment=req.comment, tags=req.tags,
+                                   user_id=req.user)
+            else:
+                ev = store.rate(reply_id=req.reply_id, rating=req.rating, comment=req.comment,
+                                tags=req.tags, user_id=req.user)
+        except Exception as exc:
+            raise _store_errors(exc) from exc
+        return {"event": _event(ev)}
+
+    @router.post("/replies/{reply_id}/edit")
+    def edit(reply_id: str, req: EditRequest) -> dict[str, Any]:
+        try:
+            new, ev = store.edit_reply(reply_id=reply_id, content=req.content, user_id=req.user)
+        except Exception as exc:
+            raise _store_errors(exc) from exc
+        return {"reply": _message(new), "event": _event(ev)}
+
+    @router.post("/replies/{reply_id}/regenerate")
+    def regenerate(reply_id: str, req: RegenerateRequest | None = None) -> dict[str, Any]:
+        req = req or RegenerateRequest()
+        try:
+            original = store.get_message(reply_id)
+            if not original.is_reply:
+                raise InvalidInput(f"message {reply_id} is a {original.role} message, not a reply")
+            context = store.context(original.parent_id)
+            conv = store.get_conversation(original.conversation_id)
+        except Exception as exc:
+            raise _store_errors(exc) from exc
+        prompt = ([{"role": "system", "content": conv.system_prompt}] if conv.system_prompt
+                  else []) + [{"role": m.role, "content": m.content} for m in context]
+        params = sampling(req.max_tokens, req.temperature, req.top_p, seed=req.seed)
+        gen = start(prompt, params)
+        reply = begin_reply(gen, params, source_reply_id=original.id)
+        try:
+            for _ in gen:
+                pass
+        finally:
+            finish(reply.id, gen)
+        return completion_body(reply, gen, conv.id, int(time.time()))
+
+    @router.post("/preferences")
+    def preferences(req: PreferenceRequest) -> dict[str, Any]:
+        try:
+            ev = store.choose(chosen_id=req.chosen_id, rejected_id=req.rejected_id,
+                              user_id=req.user)
+        except Exception as exc:
+            raise _store_errors(exc) from exc
+        return {"event": _event(ev)}
+
+    @router.get("/replies/{reply_id}")
+    def reply(reply_id: str) -> dict[str, Any]:
+        try:
+            msg = store.get_message(reply_id)
+            if not msg.is_reply:
+                raise InvalidInput(f"message {reply_id} is a {msg.role} message, not a reply")
+            siblings = store.siblings(msg.id)
+            evs = store.events_for(msg.id)
+        except Exception as exc:
+            raise _store_errors(exc) from exc
+        return {"reply": _message(msg), "siblings": [s.id for s in siblings],
+                "events": [_event(e) for e in evs]}
+
+    return router
+
+
+def _params(p: SamplingParams) -> dict[str, Any]:
+    return {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+            "stop": list(p.stop), "seed": p.seed}
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(gen: Any) -> dict[str, int]:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else list(v) if isinstance(v, tuple)
+                else v) for k, v in d.items()}
+
+
+def _event(ev: Any) -> dict[str, Any]:
+    return _jsonable(asdict(ev))
+
+
+def _message(m: Any) -> dict[str, Any]:
+    return _jsonable(asdict(m))
