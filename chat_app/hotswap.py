@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class SwapEvent:
     ok: bool
     seconds: float  # from noticing the change to serving it
     error: str | None = None
+    at: float = field(default_factory=time.time)  # when the swap completed (or was refused)
 
 
 class AdapterWatcher:

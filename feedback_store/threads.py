@@ -131,6 +131,14 @@ def _chain(s: Session, msg: MessageRow) -> list[MessageRow]:
     return out[::-1]
 
 
+def clean_model_text(text: str) -> str:
+    """What a model wrote, made storable: NUL and lone surrogates (which no SQL text
+    column holds) become U+FFFD. Users' own text is refused instead, never altered."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
+
+
 def complete_reply(
     store: FeedbackStore,
     *,
@@ -149,8 +157,8 @@ def complete_reply(
     from .errors import Conflict
 
     reply_id = check_id(reply_id, "reply id")
-    content = check_text(content, "reply", max_chars=store.limits.max_message_chars,
-                         allow_empty=True)
+    content = check_text(clean_model_text(content), "reply",
+                         max_chars=store.limits.max_message_chars, allow_empty=True)
     if not finish_reason or len(finish_reason) > 16:
         raise InvalidInput("finish_reason must be a short non-empty string")
 
