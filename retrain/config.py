@@ -52,18 +52,24 @@ class RetrainSettings:
 
 
 def _env_overrides(prefix: str, cls: type) -> dict[str, Any]:
+    """Read PREFIX<FIELD> variables, converted by the field's annotated type
+    ("none" clears an optional field; a comma list becomes a tuple where one is allowed)."""
     out: dict[str, Any] = {}
     for f in fields(cls):
         raw = os.environ.get(prefix + f.name.upper())
         if raw is None:
             continue
-        default = getattr(cls(), f.name)
-        if isinstance(default, bool):
-            out[f.name] = raw.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, int):
-            out[f.name] = int(raw)
-        elif isinstance(default, float):
+        kind = str(f.type)
+        if "None" in kind and raw.strip().lower() in ("", "none", "null"):
+            out[f.name] = None
+        elif "bool" in kind:
+            out[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif "float" in kind:
             out[f.name] = float(raw)
+        elif "int" in kind:
+            out[f.name] = int(raw)
+        elif "tuple" in kind and "," in raw:
+            out[f.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
         else:
             out[f.name] = raw
     return out
