@@ -168,7 +168,9 @@ def dpo_loss(
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards)
+            .to(chosen_rewards.dtype)
+            .mean(),
         }
     return losses.mean(), metrics
 
@@ -211,7 +213,10 @@ def kto_loss(
     ``beta <= 0`` or negative weights.
     """
     _check_positive("beta", beta)
-    for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+    for name, weight in (
+        ("desirable_weight", desirable_weight),
+        ("undesirable_weight", undesirable_weight),
+    ):
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
     _check_logps({"policy_logps": policy_logps, "ref_logps": ref_logps})
@@ -236,7 +241,9 @@ def kto_loss(
         n_undesirable = (~desirable).sum().to(rewards.dtype)
         zero = rewards.new_zeros(())
         rewards_desirable = torch.where(desirable, rewards, zero).sum() / n_desirable.clamp(min=1)
-        rewards_undesirable = torch.where(desirable, zero, rewards).sum() / n_undesirable.clamp(min=1)
+        rewards_undesirable = torch.where(desirable, zero, rewards).sum() / n_undesirable.clamp(
+            min=1
+        )
         both = (n_desirable > 0) & (n_undesirable > 0)
         metrics = {
             "kl": kl,

@@ -208,7 +208,9 @@ class Turn:
     completion_ids: tuple[int, ...]
 
 
-def _check_messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
+def check_messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
+    """Return ``value`` if it is a non-empty list of ``{"role", "content"}`` string
+    dicts with a known role, else raise :class:`InvalidRowError` naming ``where``."""
     if not isinstance(value, list) or not value:
         raise InvalidRowError(f"{where}: {field!r} must be a non-empty list of messages")
     for k, message in enumerate(value):
@@ -264,8 +266,8 @@ def encode_kto_rows(tokenizer: Any, rows: Sequence[dict]) -> list[KTOExample]:
         where = f"KTO row {i}"
         if not isinstance(row, dict):
             raise InvalidRowError(f"{where}: expected a dict, got {type(row).__name__}")
-        prompt = _check_messages(row.get("prompt"), "prompt", where)
-        completion = _check_messages(row.get("completion"), "completion", where)
+        prompt = check_messages(row.get("prompt"), "prompt", where)
+        completion = check_messages(row.get("completion"), "completion", where)
         label = row.get("label")
         if not isinstance(label, bool):
             raise InvalidRowError(f"{where}: 'label' must be a bool, got {label!r}")
@@ -280,9 +282,9 @@ def encode_dpo_rows(tokenizer: Any, rows: Sequence[dict]) -> list[DPOExample]:
         where = f"DPO row {i}"
         if not isinstance(row, dict):
             raise InvalidRowError(f"{where}: expected a dict, got {type(row).__name__}")
-        prompt = _check_messages(row.get("prompt"), "prompt", where)
-        chosen = _check_messages(row.get("chosen"), "chosen", where)
-        rejected = _check_messages(row.get("rejected"), "rejected", where)
+        prompt = check_messages(row.get("prompt"), "prompt", where)
+        chosen = check_messages(row.get("chosen"), "chosen", where)
+        rejected = check_messages(row.get("rejected"), "rejected", where)
         examples.append(
             DPOExample(
                 encode_turn(tokenizer, prompt, chosen, where),

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from retrain import modeling
 from retrain.losses import (
     balanced_kto_weights,
+    completion_token_counts,
     dpo_loss,
     kto_loss,
     mismatched_indices,
@@ -35,6 +36,7 @@ from retrain.losses import (
 from retrain.modeling import DPOExample, KTOExample
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+_NOT_AVERAGED = frozenset({"phase", "step", "total_steps", "lr", "reward_margin"})
 
 
 class TrainingError(RuntimeError):
@@ -217,7 +219,7 @@ class _Phase:
         record["reward_margin"] = values.get("rewards/margins", math.nan)
         record.update(values, lr=lr, grad_norm=_scalar(grad_norm))
         for key, value in record.items():
-            if key not in ("phase", "step", "total_steps") and math.isfinite(value):
+            if key not in _NOT_AVERAGED and math.isfinite(value):
                 self.sums[key] = self.sums.get(key, 0.0) + value
                 self.counts[key] = self.counts.get(key, 0) + 1
         self.bar.update(1)
@@ -330,6 +332,10 @@ def _train_dpo(
         with modeling.reference_mode(model):
             ref = _logps(model, both)
         n = len(batch)
+        lengths = {}
+        if config.dpo_loss_type == "ipo":  # IPO compares per-token log-ratios, as TRL does
+            counts = completion_token_counts(both.labels)
+            lengths = {"chosen_lengths": counts[:n], "rejected_lengths": counts[n:]}
         loss, metrics = dpo_loss(
             policy[:n],
             policy[n:],
@@ -337,6 +343,7 @@ def _train_dpo(
             ref[n:],
             beta=config.beta,
             loss_type=config.dpo_loss_type,
+            **lengths,
         )
         phase.step(
             step, loss, {**metrics, "logps/chosen": policy[:n], "logps/rejected": policy[n:]}

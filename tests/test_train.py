@@ -1,0 +1,444 @@
+"""One training round on a real tiny model: what it changes, what it learns, its edges.
+
+The preference in the data is simple and content-independent: the chosen/desirable
+reply is always a polite sentence template, the rejected/undesirable one a rude
+template, each around a varying topic. Held-out rows use topics never trained on, so
+a rising held-out margin means the round learned the preference, not the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from retrain import modeling
+from retrain.evaluate import evaluate_adapter
+from retrain.losses import sequence_logps
+from retrain.train import RoundResult, TrainConfig, phase_steps, run_round, train_round
+
+torch.set_num_threads(1)
+
+TRAIN_TOPICS = [
+    "the weather",
+    "my cat",
+    "Paris",
+    "water",
+    "the train",
+    "dinner",
+    "music",
+    "the sea",
+    "books",
+    "coffee",
+]
+HELDOUT_TOPICS = ["a city", "the night", "school", "a garden", "winter", "trees"]
+FAST = TrainConfig(learning_rate=1e-3, kto_steps=4, dpo_steps=4, batch_size=4, log_every=2)
+
+
+def polite(topic: str) -> str:
+    return f"Thank you for asking about {topic}! Have a nice day."
+
+
+def rude(topic: str) -> str:
+    return f"No. {topic} is boring, go away."
+
+
+def prompt(topic: str) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me about {topic}."}]
+
+
+def reply(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def dpo_rows(topics: list[str]) -> list[dict]:
+    return [
+        {"prompt": prompt(t), "chosen": reply(polite(t)), "rejected": reply(rude(t))}
+        for t in topics
+    ]
+
+
+def kto_rows(topics: list[str]) -> list[dict]:
+    """Unpaired thumbs: each topic once, alternately up (polite) and down (rude)."""
+    return [
+        {
+            "prompt": prompt(t),
+            "completion": reply(polite(t) if i % 2 else rude(t)),
+            "label": bool(i % 2),
+        }
+        for i, t in enumerate(topics)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _round(tiny: Path, out: Path, **kwargs) -> RoundResult:
+    args = {"kto_rows": [], "dpo_rows": [], "parent_adapter": None, "config": FAST} | kwargs
+    return train_round(base_model=str(tiny), out_dir=out, **args)
+
+
+def _all_finite(result: RoundResult) -> bool:
+    values = list(result.metrics.values())
+    values += [v for h in result.history for v in h.values() if isinstance(v, float)]
+    return all(math.isfinite(v) for v in values)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_round_moves_lora_weights_and_leaves_base_weights_untouched(tmp_path: Path, arch: str):
+    path = make_tiny_model(tmp_path / arch, arch=arch)
+    lora = modeling.fresh_lora_config(r=8, alpha=16, dropout=0.0, target_modules="all-linear")
+    model = modeling.load_trainable_model(
+        path, parent_adapter=None, lora=lora, device=torch.device("cpu"), quantize_4bit=False
+    )
+    tokenizer = modeling.load_tokenizer(path)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+    run_round(
+        model,
+        tokenizer,
+        kto_rows=kto_rows(TRAIN_TOPICS),
+        dpo_rows=dpo_rows(TRAIN_TOPICS),
+        config=FAST,
+    )
+
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        if name in trainable:
+            assert not torch.equal(old, after[name]), f"LoRA weight {name} did not move"
+        elif name not in trainable:
+            assert torch.equal(old, after[name]), f"base weight {name} changed"
+
+
+def test_saved_adapter_loads_with_peft_and_changes_the_model(tiny: Path, tmp_path: Path):
+    out = tmp_path / "adapter"
+    _round(
+        tiny,
+        out,
+        dpo_rows=dpo_rows(TRAIN_TOPICS),
+        config=TrainConfig(learning_rate=1e-3, dpo_steps=3, lora_r=4, lora_alpha=8),
+    )
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out)
+        adapted_logits = adapted(ids).logits
+        with adapted.disable_adapter():
+            disabled_logits = adapted(ids).logits
+    assert not torch.allclose(base_logits, adapted_logits)
+    assert torch.allclose(base_logits, disabled_logits)
+
+
+def test_dpo_round_raises_heldout_preference_margin(tiny: Path, tmp_path: Path):
+    heldout = dpo_rows(HELDOUT_TOPICS)
+    common = dict(base_model=str(tiny), heldout_kto=[], heldout_dpo=heldout, canary_prompts=[])
+    before = evaluate_adapter(adapter_path=None, **common)
+    out = tmp_path / "dpo"
+    result = _round(
+        tiny,
+        out,
+        dpo_rows=dpo_rows(TRAIN_TOPICS),
+        config=TrainConfig(learning_rate=1e-3, dpo_steps=20, epochs=10),
+    )
+    after = evaluate_adapter(adapter_path=out, **common)
+
+    assert result.metrics["dpo/steps"] == 20
+    assert before.pair_margin == 0.0 and before.pair_accuracy == 0.5
+    assert after.pair_margin > 0.5
+    assert after.pair_accuracy >= 5 / 6
+    assert after.pair_logp_margin > before.pair_logp_margin + 5.0
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_kto_round_raises_heldout_thumb_separation(tiny: Path, tmp_path: Path):
+    heldout = [
+        {"prompt": prompt(t), "completion": reply(f(t)), "label": f is polite}
+        for t in HELDOUT_TOPICS
+        for f in (polite, rude)
+    ]
+    common = dict(base_model=str(tiny), heldout_kto=heldout, heldout_dpo=[], canary_prompts=[])
+    before = evaluate_adapter(adapter_path=None, **common)
+    out = tmp_path / "kto"
+    train = kto_rows(TRAIN_TOPICS) + kto_rows(list(reversed(TRAIN_TOPICS)))
+    _round(
+        tiny, out, kto_rows=train, config=TrainConfig(learning_rate=1e-3, kto_steps=20, epochs=10)
+    )
+    after = evaluate_adapter(adapter_path=out, **common)
+
+    assert before.kto_separation == 0.0
+    assert after.kto_separation > 0.5
+    assert after.kto_logp_separation > before.kto_logp_separation + 5.0
+
+
+def _mean_chosen_logps(model: torch.nn.Module, tokenizer, rows: list[dict]) -> float:
+    pairs = modeling.encode_dpo_rows(tokenizer, rows)
+    batch = modeling.collate(
+        [(p.chosen.prompt_ids, p.chosen.completion_ids) for p in pairs],
+        pad_id=tokenizer.pad_token_id,
+        max_length=512,
+        device=torch.device("cpu"),
+    )
+    with torch.no_grad():
+        return (
+            sequence_logps(
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                batch.labels,
+            )
+            .mean()
+            .item()
+        )
+
+
+def test_round_starts_from_the_parent_adapter_and_keeps_its_shape(tiny: Path, tmp_path: Path):
+    parent = tmp_path / "parent"
+    _round(
+        tiny,
+        parent,
+        dpo_rows=dpo_rows(TRAIN_TOPICS),
+        config=TrainConfig(learning_rate=1e-3, dpo_steps=10, lora_r=8, lora_alpha=16),
+    )
+    rows = dpo_rows(TRAIN_TOPICS[:4])
+    tokenizer = modeling.load_tokenizer(tiny)
+    parent_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), parent)
+    parent_logps = _mean_chosen_logps(parent_model, tokenizer, rows)
+    base_logps = _mean_chosen_logps(AutoModelForCausalLM.from_pretrained(tiny), tokenizer, rows)
+    assert abs(parent_logps - base_logps) > 0.1  # the parent really differs from the base
+
+    child = tmp_path / "child"
+    result = _round(
+        tiny,
+        child,
+        parent_adapter=parent,
+        dpo_rows=rows,
+        config=TrainConfig(learning_rate=1e-3, dpo_steps=3, lora_r=16),
+    )
+
+    first = result.history[0]
+    assert first["step"] == 1
+    assert first["logps/chosen"] == pytest.approx(parent_logps, abs=1e-3)
+    assert first["rewards/margins"] > 0  # measured against the base, which the parent beats
+    assert json.loads((child / "adapter_config.json").read_text())["r"] == 8
+    child_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), child)
+    assert _mean_chosen_logps(child_model, tokenizer, rows) != pytest.approx(parent_logps)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "kto_only",
+        "dpo_only",
+        "ipo",
+        "one_kto_row",
+        "one_dpo_row",
+        "all_thumbs_up",
+        "all_thumbs_down",
+    ],
+)
+def test_edge_rounds_run_and_stay_finite(tiny: Path, tmp_path: Path, kind: str):
+    rows = {
+        "kto_only": {"kto_rows": kto_rows(TRAIN_TOPICS)},
+        "dpo_only": {"dpo_rows": dpo_rows(TRAIN_TOPICS)},
+        "ipo": {"dpo_rows": dpo_rows(TRAIN_TOPICS)},
+        "one_kto_row": {"kto_rows": kto_rows(TRAIN_TOPICS)[:1]},
+        "one_dpo_row": {"dpo_rows": dpo_rows(TRAIN_TOPICS)[:1]},
+        "all_thumbs_up": {"kto_rows": [r | {"label": True} for r in kto_rows(TRAIN_TOPICS)]},
+        "all_thumbs_down": {"kto_rows": [r | {"label": False} for r in kto_rows(TRAIN_TOPICS)]},
+    }[kind]
+    config = TrainConfig(
+        learning_rate=1e-3,
+        kto_steps=5,
+        dpo_steps=5,
+        dpo_loss_type="ipo" if kind == "ipo" else "sigmoid",
+    )
+    out = tmp_path / kind
+    result = _round(tiny, out, config=config, **rows)
+
+    assert _all_finite(result)
+    phases = {h["phase"] for h in result.history}
+    assert phases == ({"kto"} if "kto_rows" in rows else {"dpo"})
+    assert (out / "adapter_config.json").is_file()
+    if kind.startswith("one_"):  # one row, batch of one: three passes over it
+        assert result.metrics[f"{kind[4:7]}/steps"] == 3
+    if kind == "all_thumbs_down":
+        weights = (result.metrics["kto/desirable_weight"], result.metrics["kto/undesirable_weight"])
+        assert weights == (1.0, 1.0)
+
+
+def test_both_phases_share_one_adapter_and_log_in_order(tiny: Path, tmp_path: Path):
+    records: list[dict] = []
+    result = _round(
+        tiny,
+        tmp_path / "both",
+        kto_rows=kto_rows(TRAIN_TOPICS),
+        dpo_rows=dpo_rows(TRAIN_TOPICS),
+        progress=records.append,
+    )
+    assert [(r["phase"], r["step"]) for r in records] == [
+        ("kto", 1),
+        ("kto", 2),
+        ("kto", 4),
+        ("dpo", 1),
+        ("dpo", 2),
+        ("dpo", 4),
+    ]
+    assert records == result.history
+    for record in records:
+        assert {"phase", "step", "total_steps", "loss", "reward_margin"} <= set(record)
+        assert record["total_steps"] == 4
+    # The DPO phase starts where KTO left the adapter: its first rewards are not zero.
+    assert records[3]["rewards/chosen"] != 0.0
+    assert result.metrics["kto/rows"] == 10 and result.metrics["dpo/rows"] == 10
+
+
+def test_unbalanced_thumbs_get_balanced_weights(tiny: Path, tmp_path: Path):
+    rows = kto_rows(TRAIN_TOPICS)
+    rows = [r | {"label": i == 0} for i, r in enumerate(rows)]  # 1 up, 9 down
+    result = _round(tiny, tmp_path / "w", kto_rows=rows)
+    assert result.metrics["kto/desirable_weight"] == pytest.approx(9.0)
+    assert result.metrics["kto/undesirable_weight"] == 1.0
+
+
+def test_same_seed_gives_the_same_adapter(tiny: Path, tmp_path: Path):
+    def weights(out: Path, seed: int) -> dict[str, torch.Tensor]:
+        _round(tiny, out, kto_rows=kto_rows(TRAIN_TOPICS), config=replace(FAST, seed=seed))
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), out)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    first, again, other = (
+        weights(tmp_path / "a", 0),
+        weights(tmp_path / "b", 0),
+        weights(tmp_path / "c", 1),
+    )
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_phase_steps_stop_after_the_configured_epochs():
+    config = TrainConfig(batch_size=4, epochs=3.0)
+    assert phase_steps(2, config, 50) == 3  # one batch per epoch
+    assert phase_steps(10, config, 50) == 9  # three batches per epoch
+    assert phase_steps(1000, config, 50) == 50  # the step bound wins
+    assert phase_steps(0, config, 50) == 0
+
+
+def test_empty_round_and_zero_steps_raise_value_error(tiny: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="at least one"):
+        _round(tiny, tmp_path / "x")
+    with pytest.raises(ValueError, match="nothing to train"):
+        _round(
+            tiny, tmp_path / "y", kto_rows=kto_rows(TRAIN_TOPICS), config=TrainConfig(kto_steps=0)
+        )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_config_validate_lists_every_problem():
+    bad = TrainConfig(
+        beta=0.0,
+        dpo_loss_type="hinge",
+        batch_size=0,
+        lora_dropout=1.5,
+        target_modules=(),
+        desirable_weight=-1.0,
+    )
+    with pytest.raises(ValueError) as info:
+        bad.validate()
+    message = str(info.value)
+    for name in (
+        "beta",
+        "dpo_loss_type",
+        "batch_size",
+        "lora_dropout",
+        "target_modules",
+        "desirable_weight",
+    ):
+        assert name in message
+    TrainConfig().validate()
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": prompt("x"), "completion": reply("y"), "label": 1}, "label"),
+        ({"completion": reply("y"), "label": True}, "prompt"),
+        (
+            {
+                "prompt": [{"role": "robot", "content": "hi"}],
+                "completion": reply("y"),
+                "label": True,
+            },
+            "role",
+        ),
+        (
+            {"prompt": prompt("x"), "completion": [{"role": "assistant"}], "label": True},
+            "completion",
+        ),
+    ],
+)
+def test_malformed_rows_raise_a_typed_error_naming_the_row(
+    tiny: Path, tmp_path: Path, row, message: str
+):
+    rows = kto_rows(TRAIN_TOPICS[:2]) + [row]
+    with pytest.raises(modeling.InvalidRowError, match=f"KTO row 2.*{message}"):
+        _round(tiny, tmp_path / "bad", kto_rows=rows)
+
+
+def test_four_bit_on_the_cpu_is_refused(tiny: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="CUDA"):
+        _round(
+            tiny,
+            tmp_path / "q",
+            kto_rows=kto_rows(TRAIN_TOPICS),
+            config=TrainConfig(quantize_4bit=True, device="cpu"),
+        )
+
+
+def test_completion_tokens_end_with_end_of_turn_and_long_prompts_lose_their_start(tiny: Path):
+    tokenizer = modeling.load_tokenizer(tiny)
+    long_prompt = [{"role": "user", "content": "Tell me about cats. " * 40}]
+    [example] = modeling.encode_kto_rows(
+        tokenizer, [{"prompt": long_prompt, "completion": reply("Cats sleep."), "label": True}]
+    )
+    completion = list(example.turn.completion_ids)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in completion[-2:]
+    assert tokenizer.decode(completion, skip_special_tokens=True).strip() == "Cats sleep."
+
+    batch = modeling.collate(
+        [(example.turn.prompt_ids, completion)], pad_id=0, max_length=32, device=torch.device("cpu")
+    )
+    ids = batch.input_ids[0].tolist()
+    assert len(ids) == 32
+    assert ids[-len(completion) :] == completion  # the completion is whole
+    assert ids[: 32 - len(completion)] == list(example.turn.prompt_ids)[-(32 - len(completion)) :]
+    labelled = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert labelled == completion
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_round_on_cuda_trains_a_4bit_base(tiny: Path, tmp_path: Path):
+    out = tmp_path / "qlora"
+    result = _round(
+        tiny,
+        out,
+        kto_rows=kto_rows(TRAIN_TOPICS),
+        dpo_rows=dpo_rows(TRAIN_TOPICS),
+        config=TrainConfig(learning_rate=1e-3, kto_steps=5, dpo_steps=5),
+    )
+    assert result.metrics["quantized_4bit"] == 1.0
+    assert _all_finite(result)
+    assert result.history[-1]["rewards/margins"] != 0.0
+    assert (out / "adapter_config.json").is_file()
