@@ -63,7 +63,7 @@ class Load:
             t.join(timeout=120)
 
 
-def wait_for(cond, timeout: float = 30.0) -> None:
+def wait_for(cond, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while not cond():
         assert time.time() < deadline, "timed out"

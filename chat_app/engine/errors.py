@@ -1,0 +1,34 @@
+"""The engine's typed errors and the name of the bare base version."""
+
+from __future__ import annotations
+
+BASE_VERSION = "base"
+"""Version name meaning "no adapter": requests on it run on the base model alone."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its tokenizer cannot be served (missing path, no chat template, ...)."""
+
+
+class AdapterError(RuntimeError):
+    """An adapter version cannot be loaded, activated or unloaded as asked."""
+
+
+class EngineBusy(RuntimeError):
+    """Every running slot and every queue place is taken: try again later."""
+
+
+class InputTooLong(ValueError):
+    """Even with every old turn dropped, the newest message does not fit the prompt budget.
+
+    ``tokens`` is the size of the smallest prompt the engine could build (system prompt and
+    newest turn); ``limit`` is the budget it had to fit.
+    """
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(
+            f"input too long: the system prompt and the newest turn need {tokens} tokens, "
+            f"the limit is {limit}"
+        )
+        self.tokens = tokens
+        self.limit = limit
