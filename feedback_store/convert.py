@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from .errors import InvalidInput
 from .models import AdapterVersionRow, ConversationRow, FeedbackEventRow, MessageRow, TrainingRunRow
@@ -12,6 +14,7 @@ from .records import AdapterVersion, Conversation, FeedbackEvent, Message, Train
 MAX_TAGS = 20
 MAX_TAG_CHARS = 64
 MAX_USER_ID_CHARS = 200
+MAX_ID = 2**31 - 1  # ids are INTEGER columns (32-bit on PostgreSQL)
 
 
 def aware(dt: datetime | None) -> datetime | None:
@@ -104,11 +107,20 @@ def run(r: TrainingRunRow) -> TrainingRun:
     )
 
 
+def _check_chars(value: str, what: str) -> None:
+    """Refuse what no backend can store: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        raise InvalidInput(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid Unicode (a lone surrogate)") from exc
+
+
 def check_text(value: object, what: str, *, max_chars: int, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be text, not {type(value).__name__}")
-    if "\x00" in value:
-        raise InvalidInput(f"{what} contains a NUL character")
+    _check_chars(value, what)
     if not allow_empty and not value.strip():
         raise InvalidInput(f"{what} is empty")
     if len(value) > max_chars:
@@ -116,13 +128,40 @@ def check_text(value: object, what: str, *, max_chars: int, allow_empty: bool = 
     return value
 
 
+def check_label(value: object, what: str, *, max_chars: int) -> str | None:
+    """A short optional name (client key, source, adapter version, model name...).
+
+    None stays None; otherwise non-empty text of at most ``max_chars`` characters.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{what} must be non-empty text, not {value!r}")
+    _check_chars(value, what)
+    if len(value) > max_chars:
+        raise InvalidInput(f"{what} is longer than {max_chars} characters")
+    return value
+
+
 def check_id(value: object, what: str) -> int:
+    """A positive integer id (digits in a string are accepted) of at most MAX_ID."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value.strip())
         raise InvalidInput(f"{what} must be an integer id, not {value!r}")
     if value <= 0:
         raise InvalidInput(f"{what} must be a positive id, not {value}")
+    if value > MAX_ID:
+        raise InvalidInput(f"{what} {value} is out of range (ids are at most {MAX_ID})")
+    return value
+
+
+def check_count(value: object, what: str) -> int | None:
+    """An optional non-negative integer (token counts)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise InvalidInput(f"{what} must be a non-negative integer, not {value!r}")
     return value
 
 
@@ -131,22 +170,77 @@ def check_user(value: object) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_USER_ID_CHARS:
         raise InvalidInput(f"user id must be text of at most {MAX_USER_ID_CHARS} characters")
+    _check_chars(value, "user id")
     return value.strip() or None
 
 
 def check_tags(tags: Iterable[str] | None) -> list[str]:
     if tags is None:
         return []
-    if isinstance(tags, str):
-        raise InvalidInput("tags must be a list of strings, not one string")
+    if isinstance(tags, str | bytes | dict) or not isinstance(tags, Iterable):
+        raise InvalidInput("tags must be a list of strings")
     out: list[str] = []
     for t in tags:
         if not isinstance(t, str) or not t.strip():
             raise InvalidInput(f"each tag must be non-empty text, got {t!r}")
+        _check_chars(t, "a tag")
         if len(t) > MAX_TAG_CHARS:
             raise InvalidInput(f"tag {t[:20]!r}... is longer than {MAX_TAG_CHARS} characters")
         if t.strip() not in out:
             out.append(t.strip())
-    if len(out) > MAX_TAGS:
-        raise InvalidInput(f"at most {MAX_TAGS} tags, got {len(out)}")
+        if len(out) > MAX_TAGS:
+            raise InvalidInput(f"at most {MAX_TAGS} tags")
     return out
+
+
+def json_value(value: object, what: str, *, max_depth: int = 32) -> Any:
+    """A deep copy of ``value`` that every backend's JSON column accepts.
+
+    Allowed: dict (string keys), list/tuple, str, int, float, bool, None. Non-finite
+    floats (NaN, +-inf: a diverged loss) become None, since PostgreSQL's JSON refuses
+    them; anything else raises InvalidInput.
+    """
+
+    def walk(v: object, depth: int) -> Any:
+        if depth > max_depth:
+            raise InvalidInput(f"{what} is nested deeper than {max_depth} levels")
+        if v is None or isinstance(v, bool | int):
+            return v
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, str):
+            _check_chars(v, what)
+            return v
+        if isinstance(v, dict):
+            if not all(isinstance(k, str) for k in v):
+                raise InvalidInput(f"{what} must have text keys")
+            for k in v:
+                _check_chars(k, what)
+            return {k: walk(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [walk(x, depth + 1) for x in v]
+        raise InvalidInput(f"{what} holds a {type(v).__name__}, which JSON cannot store")
+
+    return walk(value, 0)
+
+
+def json_object(value: object, what: str) -> dict[str, Any]:
+    """``json_value`` of a mapping (None gives an empty one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a mapping, not {type(value).__name__}")
+    return json_value(value, what)
+
+
+def utc(dt: object, what: str) -> datetime | None:
+    """A datetime as aware UTC (a naive one is taken to be UTC already).
+
+    SQLite stores datetimes as text without their offset, so comparing with a value
+    in another zone must convert it first.
+    """
+    if dt is None:
+        return None
+    if not isinstance(dt, datetime):
+        raise InvalidInput(f"{what} must be a datetime, not {type(dt).__name__}")
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .convert import utc
 from .errors import InvalidInput
 from .models import ConversationRow, FeedbackEventRow, MessageRow
 from .store import FeedbackStore
@@ -45,7 +46,7 @@ DEFAULT_EVAL_FRACTION = 0.1
 class RowFilter:
     """Which events feed a dataset. Every field is optional."""
 
-    since: datetime | None = None  # events created at or after
+    since: datetime | None = None  # events created at or after (naive = UTC)
     after_event_id: int | None = None  # events with a larger id
     up_to_event_id: int | None = None  # events with this id or smaller (a round's snapshot)
     adapter_version: str | None = None  # replies written by this adapter version
@@ -58,6 +59,12 @@ class RowFilter:
             problems.append(f"split must be one of {SPLITS}, not {self.split!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append("eval_fraction must be in [0, 1)")
+        if self.since is not None and not isinstance(self.since, datetime):
+            problems.append("since must be a datetime")
+        for name in ("after_event_id", "up_to_event_id"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                problems.append(f"{name} must be a non-negative integer")
         if problems:
             raise InvalidInput("; ".join(problems))
 
@@ -147,7 +154,7 @@ def build_dpo_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
 def _events(s: Session, flt: RowFilter, kinds: tuple[str, ...]) -> list[FeedbackEventRow]:
     q = select(FeedbackEventRow).where(FeedbackEventRow.kind.in_(kinds))
     if flt.since is not None:
-        q = q.where(FeedbackEventRow.created_at >= flt.since)
+        q = q.where(FeedbackEventRow.created_at >= utc(flt.since, "since"))
     if flt.after_event_id is not None:
         q = q.where(FeedbackEventRow.id > flt.after_event_id)
     if flt.up_to_event_id is not None:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import functools
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import StoreUnavailable
@@ -40,11 +42,20 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """Create an engine; for SQLite, make the folder and set the pragmas."""
+    """Create an engine; for SQLite, make the folder and set the pragmas.
+
+    Raises StoreUnavailable when the SQLite file's folder cannot be created.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(
+                    f"cannot create the database folder {folder}: {exc.strerror or exc}"
+                ) from exc
         engine = create_engine(
             url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         )
@@ -67,7 +78,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _set_wal(cur)
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
@@ -76,6 +87,23 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
         mode = "IMMEDIATE" if conn.get_execution_options().get("write") else "DEFERRED"
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _set_wal(cur) -> None:  # type: ignore[no-untyped-def]
+    """Switch to WAL, waiting for other connections like a busy timeout would.
+
+    On a fresh file, several processes switching at once can get "database is
+    locked" at once: SQLite does not call the busy handler for that pragma.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as exc:  # sqlite3.OperationalError; the driver is not imported here
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005 + 0.02 * random.random())
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -99,19 +127,32 @@ def _is_transient(exc: BaseException) -> bool:
 class Database:
     """An engine plus units of work with retries on transient failures."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, echo: bool = False, retry_seconds: float = RETRY_SECONDS
+    ) -> None:
+        """``retry_seconds``: how long ``run`` retries transient failures before it
+        raises StoreUnavailable."""
         self.url = url
+        self.retry_seconds = retry_seconds
         self.engine = make_engine(url, echo=echo)
         self.sqlite = self.engine.dialect.name == "sqlite"
         write_engine = self.engine.execution_options(write=True)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(write_engine, expire_on_commit=False)
+        self._write_queue = threading.RLock()
 
     @contextmanager
     def session(self, *, write: bool) -> Iterator[Session]:
-        """One transaction: commits on success, rolls back on any error."""
+        """One transaction: commits on success, rolls back on any error.
+
+        On SQLite, write transactions of this process queue on a lock first: SQLite
+        lets one writer in at a time anyway, and a waiter woken by the lock starts at
+        once, where one left to SQLite's busy handler sleeps in growing steps (up to
+        100 ms each), which made the slowest writes wait most of a second.
+        """
         factory = self._writer if write else self._reader
-        with factory() as s, s.begin():
+        queue = self._write_queue if write and self.sqlite else nullcontext()
+        with queue, factory() as s, s.begin():
             yield s
 
     def run(self, work: Callable[[Session], T], *, write: bool = True) -> T:
@@ -119,7 +160,7 @@ class Database:
 
         Raises StoreUnavailable when the database stays unreachable or locked.
         """
-        deadline = time.monotonic() + RETRY_SECONDS
+        deadline = time.monotonic() + self.retry_seconds
         delay = 0.02
         while True:
             try:
@@ -131,6 +172,9 @@ class Database:
             except DBAPIError as exc:
                 if not _is_transient(exc) or time.monotonic() > deadline:
                     raise
+            except PoolTimeout as exc:  # every pooled connection stayed busy
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"the database is too busy: {exc}") from exc
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 1.0)
 

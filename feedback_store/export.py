@@ -24,8 +24,21 @@ def rows_for(store: FeedbackStore, kind: str, flt: RowFilter | None = None) -> l
     raise InvalidInput(f"kind must be 'kto' or 'dpo', not {kind!r}")
 
 
+# Line breaks that JSON leaves raw inside strings but str.splitlines() (and other
+# Unicode-aware line readers) split on; escaping them keeps one row per line for all.
+_UNICODE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One row as a UTF-8 JSON line (ending in a newline, with no other line break)."""
+    line = json.dumps(row, ensure_ascii=False)
+    for raw, escaped in _UNICODE_BREAKS.items():
+        line = line.replace(raw, escaped)
+    return line + "\n"
+
+
 def to_jsonl(rows: Iterable[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return "".join(jsonl_line(r) for r in rows)
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: Path | str) -> int:
@@ -37,7 +50,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: Path | str) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(jsonl_line(r))
                 n += 1
             f.flush()
             os.fsync(f.fileno())

@@ -2,9 +2,12 @@
 
 Version names are ``v0001``, ``v0002``...; a version is registered only after its
 folder is in place. At most one version is ``active``; activating one retires the
-previous. One training run at a time in the whole cluster: a run holds the unique
-``active_slot`` while queued or running, so a second ``start_run`` anywhere fails
-with RunInProgress instead of racing.
+previous. Activations form a stack (kept in ``service_state`` under
+ACTIVATION_HISTORY_KEY): ``activate`` pushes, ``rollback`` pops, so rolling back
+twice after activating v1 then v2 serves v1, then the bare base. One training run
+at a time in the whole cluster: a run holds the unique ``active_slot`` while queued
+or running, so a second ``start_run`` anywhere fails with RunInProgress instead of
+racing.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import convert
+from .convert import json_object, json_value
 from .db import Database
 from .errors import Conflict, InvalidInput, NotFound, RunInProgress
 from .models import AdapterVersionRow, ServiceStateRow, TrainingRunRow
@@ -27,6 +31,9 @@ from .records import RUN_STATUSES, RUN_TRIGGERS, VERSION_STATUSES, AdapterVersio
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 FINAL_RUN_STATUSES = ("succeeded", "failed", "rejected")
 MAX_HISTORY = 2000
+ACTIVATION_HISTORY_KEY = "registry.activations"
+MAX_ACTIVATIONS = 200  # entries of the rollback stack kept
+ACTIVATION_LOCK_KEY = 724_914  # PostgreSQL advisory lock serialising activations
 
 
 def version_name(n: int) -> str:
@@ -66,13 +73,14 @@ class Registry:
             raise InvalidInput(f"version names look like v0001, not {version!r}")
         if status not in ("candidate", "rejected"):
             raise InvalidInput("a new version is registered as candidate or rejected")
+        metrics = json_object(metrics, "metrics")
 
         def work(s: Session) -> AdapterVersion:
             if s.get(AdapterVersionRow, version) is not None:
                 raise Conflict(f"version {version} already exists")
             row = AdapterVersionRow(
                 version=version, path=str(path), status=status, parent_version=parent_version,
-                run_id=run_id, data_hash=data_hash, metrics=metrics or {},
+                run_id=run_id, data_hash=data_hash, metrics=metrics,
             )
             s.add(row)
             s.flush()
@@ -105,6 +113,9 @@ class Registry:
         """Mark a version candidate, rejected or retired (use ``activate`` for active)."""
         if status not in VERSION_STATUSES or status == "active":
             raise InvalidInput(f"status must be one of candidate/rejected/retired, not {status!r}")
+        if metrics is not None:
+            metrics = json_object(metrics, "metrics")
+        reasons = [str(r) for r in reasons]
 
         def work(s: Session) -> AdapterVersion:
             row = _version(s, version)
@@ -120,45 +131,48 @@ class Registry:
         return self.db.run(work)
 
     def activate(self, version: str | None, *, reasons: Sequence[str] = ()) -> AdapterVersion | None:
-        """Make ``version`` the one served (None: serve the bare base). The previous
-        active version is retired. Serving replicas pick the change up by polling."""
+        """Make ``version`` the one served (None: serve the bare base) and push it on
+        the rollback stack. The previous active version is retired. Serving replicas
+        pick the change up by polling."""
 
         def work(s: Session) -> AdapterVersion | None:
+            _lock_activations(s)
             row = _version(s, version) if version is not None else None
-            for cur in s.scalars(select(AdapterVersionRow).where(AdapterVersionRow.status == "active")):
-                if row is None or cur.version != row.version:
-                    cur.status = "retired"
-            if row is None:
-                return None
-            row.status = "active"
-            row.activated_at = _now()
-            if reasons:
-                row.reasons = list(reasons)
-            s.flush()
-            return convert.version(row)
+            history = _activation_history(s)
+            history.append(version)
+            _save_activation_history(s, history)
+            return _make_active(s, row, reasons)
 
         return self.db.run(work)
 
     def rollback(self) -> AdapterVersion | None:
-        """Activate the version that was active before the current one (or the base)."""
+        """Serve the version that was active before the current one, or the bare base
+        (returns None) when there was none. Versions rejected since are skipped.
 
-        def work(s: Session) -> str | None:
+        Raises Conflict when no version is active.
+        """
+
+        def work(s: Session) -> AdapterVersion | None:
+            _lock_activations(s)
             cur = s.scalar(select(AdapterVersionRow).where(AdapterVersionRow.status == "active"))
             if cur is None:
                 raise Conflict("no version is active: nothing to roll back")
-            prev = s.scalar(
-                select(AdapterVersionRow)
-                .where(AdapterVersionRow.activated_at.is_not(None),
-                       AdapterVersionRow.version != cur.version,
-                       AdapterVersionRow.status == "retired",
-                       AdapterVersionRow.activated_at < cur.activated_at)
-                .order_by(AdapterVersionRow.activated_at.desc())
-                .limit(1)
-            )
-            return prev.version if prev else None
+            history = _activation_history(s)
+            if not history or history[-1] != cur.version:
+                history = _history_from_times(s, cur)
+            history.pop()
+            target = None
+            while history:
+                name = history[-1]
+                target = s.get(AdapterVersionRow, name) if name is not None else None
+                if name is None or (target is not None and target.status != "rejected"):
+                    break
+                history.pop()
+                target = None
+            _save_activation_history(s, history)
+            return _make_active(s, target, (f"rolled back from {cur.version}",))
 
-        previous = self.db.run(work, write=False)
-        return self.activate(previous, reasons=() if previous is None else ("rolled back to",))
+        return self.db.run(work)
 
     # -- training runs ----------------------------------------------------------------
 
@@ -204,6 +218,16 @@ class Registry:
             raise InvalidInput(f"unknown run fields {sorted(unknown)}")
         if status is not None and status not in RUN_STATUSES:
             raise InvalidInput(f"status must be one of {RUN_STATUSES}, not {status!r}")
+        if progress is not None:
+            progress = json_object(progress, "progress")
+        if metrics:
+            metrics = json_object(metrics, "metrics")
+        history = [json_object(h, "history row") for h in history]
+        if "reasons" in fields:
+            fields["reasons"] = json_value(list(fields["reasons"] or ()), "reasons")
+        if isinstance(fields.get("error"), str):  # keep a crash's message storable as is
+            fields["error"] = (fields["error"].replace("\x00", "\\x00")
+                               .encode("utf-8", "backslashreplace").decode("utf-8"))
 
         def work(s: Session) -> TrainingRun:
             row = s.get(TrainingRunRow, run_id)
@@ -226,7 +250,7 @@ class Registry:
             if history:
                 row.history = (list(row.history or []) + list(history))[-MAX_HISTORY:]
             for k, v in fields.items():
-                setattr(row, k, list(v) if k == "reasons" else v)
+                setattr(row, k, v)
             row.heartbeat_at = now
             s.flush()
             return convert.run(row)
@@ -295,6 +319,11 @@ class Registry:
         return self.db.run(work, write=False)
 
     def set_state(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Store a JSON mapping under ``key`` (1 to 100 characters), replacing it."""
+        if not isinstance(key, str) or not 1 <= len(key) <= 100:
+            raise InvalidInput("a state key is text of 1 to 100 characters")
+        value = json_object(value, f"state {key!r}")
+
         def work(s: Session) -> dict[str, Any]:
             row = s.get(ServiceStateRow, key)
             if row is None:
@@ -312,3 +341,56 @@ def _version(s: Session, version: str) -> AdapterVersionRow:
     if row is None:
         raise NotFound(f"no adapter version {version!r}")
     return row
+
+
+def _lock_activations(s: Session) -> None:
+    """Serialise activations cluster-wide (SQLite's BEGIN IMMEDIATE already does)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ACTIVATION_LOCK_KEY})
+
+
+def _activation_history(s: Session) -> list[str | None]:
+    row = s.get(ServiceStateRow, ACTIVATION_HISTORY_KEY)
+    value = (row.value or {}) if row is not None else {}
+    return list(value.get("versions") or [])
+
+
+def _save_activation_history(s: Session, history: list[str | None]) -> None:
+    value = {"versions": history[-MAX_ACTIVATIONS:]}
+    row = s.get(ServiceStateRow, ACTIVATION_HISTORY_KEY)
+    if row is None:
+        s.add(ServiceStateRow(key=ACTIVATION_HISTORY_KEY, value=value))
+    else:
+        row.value = value
+        row.updated_at = _now()
+
+
+def _history_from_times(s: Session, cur: AdapterVersionRow) -> list[str | None]:
+    """A rollback stack rebuilt from activation times (databases activated before
+    the stack was kept): every other version ever activated, oldest first, then
+    the current one."""
+    rows = s.scalars(
+        select(AdapterVersionRow)
+        .where(AdapterVersionRow.activated_at.is_not(None),
+               AdapterVersionRow.version != cur.version)
+        .order_by(AdapterVersionRow.activated_at)
+    )
+    return [r.version for r in rows] + [cur.version]
+
+
+def _make_active(
+    s: Session, row: AdapterVersionRow | None, reasons: Sequence[str]
+) -> AdapterVersion | None:
+    """Retire whatever is active and activate ``row`` (None: the bare base)."""
+    for cur in s.scalars(select(AdapterVersionRow).where(AdapterVersionRow.status == "active")):
+        if row is None or cur.version != row.version:
+            cur.status = "retired"
+    if row is None:
+        s.flush()
+        return None
+    row.status = "active"
+    row.activated_at = _now()
+    if reasons:
+        row.reasons = [str(r) for r in reasons]
+    s.flush()
+    return convert.version(row)

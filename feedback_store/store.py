@@ -17,7 +17,16 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from . import convert
-from .convert import check_id, check_tags, check_text, check_user
+from .convert import (
+    check_count,
+    check_id,
+    check_label,
+    check_tags,
+    check_text,
+    check_user,
+    json_object,
+    utc,
+)
 from .db import Database, upgrade
 from .errors import InvalidInput, NotFound
 from .models import ConversationRow, FeedbackEventRow, MessageRow
@@ -33,6 +42,12 @@ from .records import (
 
 DEFAULT_MAX_MESSAGE_CHARS = 32_000
 DEFAULT_MAX_COMMENT_CHARS = 4_000
+# Column widths of the schema (models.py): longer values are refused, not truncated.
+MAX_LABEL_CHARS = 200  # client key
+MAX_SOURCE_CHARS = 20
+MAX_VERSION_CHARS = 64
+MAX_MODEL_NAME_CHARS = 500
+MAX_FINISH_REASON_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,22 @@ class FeedbackStore:
         self.limits = limits or Limits()
 
     @classmethod
-    def open(cls, url: str, *, migrate: bool = True, limits: Limits | None = None) -> FeedbackStore:
-        db = Database(url)
+    def open(
+        cls,
+        url: str,
+        *,
+        migrate: bool = True,
+        limits: Limits | None = None,
+        retry_seconds: float | None = None,
+    ) -> FeedbackStore:
+        """Connect (and upgrade the schema unless ``migrate=False``).
+
+        ``retry_seconds`` bounds how long a unit of work retries a locked or
+        unreachable database before raising StoreUnavailable (default
+        ``db.RETRY_SECONDS``). Raises StoreUnavailable when the database cannot be
+        reached or created.
+        """
+        db = Database(url) if retry_seconds is None else Database(url, retry_seconds=retry_seconds)
         if migrate:
             upgrade(db)
         return cls(db, limits=limits)
@@ -75,6 +104,10 @@ class FeedbackStore:
         system_prompt: str | None = None,
     ) -> Conversation:
         user_id = check_user(user_id)
+        client_key = check_label(client_key, "client key", max_chars=MAX_LABEL_CHARS)
+        source = check_label(source, "source", max_chars=MAX_SOURCE_CHARS)
+        if source is None:
+            raise InvalidInput("source must be non-empty text")
         if system_prompt is not None:
             system_prompt = check_text(
                 system_prompt, "system prompt", max_chars=self.limits.max_message_chars,
@@ -154,23 +187,37 @@ class FeedbackStore:
         )
         if (parent_id is None) == (source_reply_id is None):
             raise InvalidInput("give exactly one of parent_id or source_reply_id")
+        if source_reply_id is not None:
+            source_reply_id = check_id(source_reply_id, "reply id")
+        else:
+            parent_id = check_id(parent_id, "parent id")
         origin = origin or ("regenerated" if source_reply_id is not None else "generated")
         if origin not in REPLY_ORIGINS:
             raise InvalidInput(f"origin must be one of {REPLY_ORIGINS}, not {origin!r}")
+        adapter_version = check_label(
+            adapter_version, "adapter version", max_chars=MAX_VERSION_CHARS
+        )
+        model_name = check_label(model_name, "model name", max_chars=MAX_MODEL_NAME_CHARS)
+        finish_reason = check_label(
+            finish_reason, "finish reason", max_chars=MAX_FINISH_REASON_CHARS
+        )
+        generation = json_object(generation, "generation settings")
+        prompt_tokens = check_count(prompt_tokens, "prompt_tokens")
+        completion_tokens = check_count(completion_tokens, "completion_tokens")
 
         def work(s: Session) -> Message:
             if source_reply_id is not None:
-                src = _get_reply(s, check_id(source_reply_id, "reply id"))
+                src = _get_reply(s, source_reply_id)
                 parent = _get(s, MessageRow, src.parent_id, "message")
             else:
-                parent = _get(s, MessageRow, check_id(parent_id, "parent id"), "message")
+                parent = _get(s, MessageRow, parent_id, "message")
                 if parent.role != "user":
                     raise InvalidInput(f"message {parent.id} is not a user message")
             row = MessageRow(
                 conversation_id=parent.conversation_id, parent_id=parent.id, role="assistant",
                 content=content, origin=origin, source_reply_id=source_reply_id,
                 adapter_version=adapter_version, model_name=model_name,
-                generation=dict(generation or {}), finish_reason=finish_reason,
+                generation=generation, finish_reason=finish_reason,
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             )
             s.add(row)
@@ -427,14 +474,26 @@ class FeedbackStore:
     ) -> list[FeedbackLogRow]:
         """Newest-first page of feedback events with their reply and prompt.
 
-        Keyset paging: pass the last row's event id as ``before_id`` for the next page.
+        Filters combine with AND: ``kinds``; ``since`` <= created_at < ``until`` (naive
+        datetimes are UTC); the adapter version that wrote the reply; the voter's
+        ``user_id``; ``search``, a case-insensitive literal substring of the reply, the
+        prompt, the comment or the other reply. Keyset paging: pass the last row's
+        event id as ``before_id`` for the next page.
         """
+        if isinstance(kinds, str):
+            kinds = [kinds]
         if kinds:
             bad = [k for k in kinds if k not in EVENT_KINDS]
             if bad:
                 raise InvalidInput(f"unknown feedback kinds {bad}; known: {EVENT_KINDS}")
-        if not 1 <= limit <= 1000:
-            raise InvalidInput("limit must be between 1 and 1000")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidInput("limit must be an integer between 1 and 1000")
+        since, until = utc(since, "since"), utc(until, "until")
+        user_id = check_user(user_id)
+        if before_id is not None:
+            before_id = check_id(before_id, "before_id")
+        if search is not None:
+            search = check_text(search, "search text", max_chars=1000, allow_empty=True).strip()
         reply = aliased(MessageRow)
         prompt = aliased(MessageRow)
         other = aliased(MessageRow)
@@ -457,11 +516,10 @@ class FeedbackStore:
                 q = q.where(FeedbackEventRow.adapter_version == adapter_version)
             if user_id is not None:
                 q = q.where(FeedbackEventRow.user_id == user_id)
-            if search:
-                pat = f"%{search}%"
+            if search:  # a literal substring: % and _ are not wildcards here
                 q = q.where(
-                    or_(reply.content.ilike(pat), prompt.content.ilike(pat),
-                        FeedbackEventRow.comment.ilike(pat), other.content.ilike(pat))
+                    or_(*(col.icontains(search, autoescape=True) for col in (
+                        reply.content, prompt.content, FeedbackEventRow.comment, other.content)))
                 )
             if before_id is not None:
                 q = q.where(FeedbackEventRow.id < before_id)

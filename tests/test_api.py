@@ -7,11 +7,11 @@ import json
 import httpx
 import openai
 import pytest
+from live_server import live_server
+from tiny_models import make_tiny_model
 
 from feedback_store import build_dpo_rows, build_kto_rows
 from feedback_store.export import export
-from live_server import live_server
-from tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")
