@@ -244,3 +244,11 @@ def utc(dt: object, what: str) -> datetime | None:
     if not isinstance(dt, datetime):
         raise InvalidInput(f"{what} must be a datetime, not {type(dt).__name__}")
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def clean_model_text(text: str) -> str:
+    """What a model wrote, made storable: NUL and lone surrogates (which no SQL text
+    column holds) become U+FFFD. Users' own text is refused instead, never altered."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text

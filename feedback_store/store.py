@@ -24,6 +24,7 @@ from .convert import (
     check_tags,
     check_text,
     check_user,
+    clean_model_text,
     json_object,
     utc,
 )
@@ -180,10 +181,11 @@ class FeedbackStore:
 
         A regeneration passes ``source_reply_id`` (the reply it replaces) instead of
         ``parent_id``; it becomes a sibling of that reply. A generated reply may be
-        empty (the model can stop at once); it is stored as it was.
+        empty (the model can stop at once); it is stored as it was, except that NUL and
+        lone surrogates, which no SQL text column holds, become U+FFFD.
         """
         content = check_text(
-            content, "reply", max_chars=self.limits.max_message_chars, allow_empty=True
+            clean_model_text(content), "reply", max_chars=self.limits.max_message_chars, allow_empty=True
         )
         if (parent_id is None) == (source_reply_id is None):
             raise InvalidInput("give exactly one of parent_id or source_reply_id")

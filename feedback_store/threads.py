@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from . import convert
-from .convert import check_id, check_text, check_user
+from .convert import check_id, check_text, check_user, clean_model_text
 from .errors import InvalidInput, NotFound
 from .models import ConversationRow, MessageRow
 from .records import Conversation, Message
@@ -129,14 +129,6 @@ def _chain(s: Session, msg: MessageRow) -> list[MessageRow]:
     while out[-1].parent_id is not None:
         out.append(s.get(MessageRow, out[-1].parent_id))
     return out[::-1]
-
-
-def clean_model_text(text: str) -> str:
-    """What a model wrote, made storable: NUL and lone surrogates (which no SQL text
-    column holds) become U+FFFD. Users' own text is refused instead, never altered."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
 
 
 def complete_reply(

@@ -130,7 +130,6 @@ BAD_INPUT: dict[str, tuple[type[StoreError], Case]] = {
         system_prompt="x" * (Limits().max_message_chars + 1))),
     "oversized reply": (InvalidInput, lambda s, w: s.add_reply(
         parent_id=w.user, content="x" * (Limits().max_message_chars + 1))),
-    "NUL in reply": (InvalidInput, lambda s, w: s.add_reply(parent_id=w.user, content="\x00")),
     "empty comment": (InvalidInput, lambda s, w: s.comment(reply_id=w.reply, comment="  ")),
     "no comment": (InvalidInput, lambda s, w: s.comment(reply_id=w.reply, comment=None)),
     "oversized comment": (InvalidInput, rate(comment="c" * (Limits().max_comment_chars + 1))),
@@ -584,3 +583,10 @@ def test_state_round_trips_and_is_replaced(store: FeedbackStore) -> None:
     assert reg.get_state("schedule") == value
     reg.set_state("schedule", {"enabled": False})
     assert reg.get_state("schedule") == {"enabled": False}
+
+
+def test_model_text_that_sql_cannot_hold_is_stored_with_a_replacement_character(store):
+    conv = store.create_conversation()
+    q = store.add_user_message(conversation_id=conv.id, content="hi")
+    reply = store.add_reply(parent_id=q.id, content="a\x00b\ud800c")
+    assert store.get_message(reply.id).content == "a\ufffdb?c"
