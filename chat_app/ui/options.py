@@ -1,0 +1,60 @@
+"""The chat page's settings (the server maps its environment settings onto these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chat_app.engine import SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatPageSettings:
+    """How the chat page looks and answers.
+
+    ``max_message_chars`` bounds a user's message (longer ones are refused, nothing is
+    stored). ``default_system_prompt`` starts every new chat; with ``show_system_prompt``
+    the user may change it before the chat's first message (a conversation keeps one
+    system prompt, so the stored prompt is always the one the model saw).
+    ``browser_state_secret`` encrypts what the page keeps in the browser (the chat's id);
+    with None a random secret is drawn at start, so open chats are not restored after a
+    server restart. Several replicas behind one address need the same secret.
+    """
+
+    title: str = "Feedback chat"
+    max_message_chars: int = 4000
+    default_system_prompt: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    show_system_prompt: bool = True
+    browser_state_secret: str | None = None
+    stream_interval_s: float = 0.05
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming every problem at once."""
+        problems: list[str] = []
+        if not isinstance(self.title, str) or not self.title.strip():
+            problems.append("title must be non-empty text")
+        if (
+            isinstance(self.max_message_chars, bool)
+            or not isinstance(self.max_message_chars, int)
+            or self.max_message_chars < 1
+        ):
+            problems.append(f"max_message_chars must be an int >= 1, got {self.max_message_chars!r}")
+        if not isinstance(self.default_system_prompt, str):
+            problems.append("default_system_prompt must be text")
+        if not isinstance(self.sampling, SamplingParams):
+            problems.append("sampling must be a SamplingParams")
+        else:
+            try:
+                self.sampling.validate()
+            except ValueError as exc:
+                problems.append(str(exc))
+        if self.browser_state_secret is not None and not (
+            isinstance(self.browser_state_secret, str) and self.browser_state_secret
+        ):
+            problems.append("browser_state_secret must be None or non-empty text")
+        if not isinstance(self.stream_interval_s, (int, float)) or not (
+            0 <= self.stream_interval_s <= 5
+        ):
+            problems.append("stream_interval_s must be a number of seconds in [0, 5]")
+        if problems:
+            raise ValueError("invalid chat page settings: " + "; ".join(problems))

@@ -1,0 +1,210 @@
+"""The chat page: a ``gr.Blocks`` wiring the Chatbot's events to ``ChatHandlers``.
+
+Per browser tab, a ``gr.State`` holds the ``ChatSession`` (chat positions -> stored
+message ids); a ``gr.BrowserState`` (encrypted in the browser's localStorage) holds the
+client key, conversation id and thread head, so a reload finds the chat again. The user
+name is Gradio's ``request.username`` when the operator turns logins on, else None.
+
+Thumbs are the Chatbot's feedback buttons (``like``), editing uses ``editable="all"``
+(``edit``), the retry icon and the Regenerate button regenerate (``retry``); after a
+regenerate two buttons record which reply is better. Gradio runs each event at most
+``concurrency_limit`` at a time: call ``.queue(default_concurrency_limit=N)`` on the
+returned Blocks to stream N replies at once (Gradio's own default is 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+
+from feedback_store import FeedbackStore
+
+from .handlers import ChatHandlers
+from .markup import display_text
+from .options import ChatPageSettings
+from .session import ChatSession
+from .view import PageUpdate
+
+__all__ = ["ChatPageSettings", "build_chat_page"]
+
+BROWSER_STORAGE_KEY = "feedback-chat-session"
+
+
+def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSettings) -> gr.Blocks:
+    """Build the chat page over ``store`` and ``engine`` (see the module docstring)."""
+    handlers = ChatHandlers(store=store, engine=engine, settings=settings)
+    with gr.Blocks(title=settings.title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {display_text(settings.title)}")
+        model_line = gr.Markdown(elem_id="model-line")
+        chatbot = gr.Chatbot(
+            label="Chat", elem_id="chat", height=460, editable="all",
+            feedback_options=("Like", "Dislike"), buttons=["copy", "copy_all"],
+            sanitize_html=True, placeholder="Say hello to start a chat.",
+        )
+        notice = gr.Markdown(elem_id="notice")
+        with gr.Row(equal_height=True):
+            message = gr.Textbox(
+                placeholder=f"Your message (up to {settings.max_message_chars} characters); "
+                            "Enter sends", show_label=False, scale=6, lines=1, max_lines=8,
+                elem_id="message", autofocus=True,
+            )
+            send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop_btn = gr.Button("Stop", scale=1, interactive=False, elem_id="stop")
+        with gr.Row():
+            regen_btn = gr.Button("Regenerate last reply", size="sm", elem_id="regenerate")
+            new_btn = gr.Button("New chat", size="sm", elem_id="new-chat")
+        with gr.Row(visible=False, elem_id="choice") as choice_row:
+            gr.Markdown("Which reply is better?")
+            prev_better = gr.Button("Previous was better", size="sm", elem_id="prefer-previous")
+            new_better = gr.Button("New is better", size="sm", elem_id="prefer-new")
+        with gr.Row(equal_height=True):
+            comment = gr.Textbox(
+                placeholder="A comment on the last reply (click a reply to pick another)",
+                show_label=False, scale=6, elem_id="comment",
+            )
+            comment_btn = gr.Button("Add comment", size="sm", scale=1, elem_id="add-comment")
+        with gr.Accordion("System prompt", open=False, visible=settings.show_system_prompt):
+            system_prompt = gr.Textbox(
+                value=settings.default_system_prompt, show_label=False, lines=2,
+                placeholder="Instructions for the model; fixed once the chat has started",
+                elem_id="system-prompt",
+            )
+        state = gr.State(None)
+        memory = gr.BrowserState({}, storage_key=BROWSER_STORAGE_KEY,
+                                 secret=settings.browser_state_secret)
+
+        outputs = [state, chatbot, model_line, notice, message, comment, choice_row,
+                   system_prompt, stop_btn, memory]
+        CHOICE, STOP = outputs.index(choice_row), outputs.index(stop_btn)  # noqa: N806
+
+        def render(session: ChatSession, update: PageUpdate) -> tuple[Any, ...]:
+            if update.notice is not None and update.notice.is_error:
+                gr.Warning(update.notice.text)
+            text = ""
+            if update.notice is not None:
+                mark = "⚠️" if update.notice.is_error else "✓"
+                text = f"{mark} {display_text(update.notice.text)}"
+            keep = gr.skip()
+            return (
+                session,
+                gr.Chatbot(value=update.history, feedback_value=update.feedback),
+                update.model_line,
+                text,
+                keep if update.message_box is None else update.message_box,
+                keep if update.comment_box is None else update.comment_box,
+                gr.Row(visible=update.choice_visible),
+                gr.Textbox(interactive=not update.system_prompt_locked)
+                if update.system_prompt is None else
+                gr.Textbox(value=update.system_prompt, interactive=not update.system_prompt_locked),
+                gr.Button(interactive=update.generating),
+                update.memory,
+            )
+
+        def session_of(state_value: Any, request: gr.Request | None) -> ChatSession:
+            user = _username(request)
+            if isinstance(state_value, ChatSession):
+                if user is not None:
+                    state_value.user_id = user
+                return state_value
+            return handlers.load(None, user_id=user)[0]
+
+        def one(step: Callable[..., PageUpdate]) -> Callable[..., tuple[Any, ...]]:
+            def run(state_value: Any, *args: Any, request: gr.Request) -> tuple[Any, ...]:
+                session = session_of(state_value, request)
+                return render(session, step(session, *args))
+            return run
+
+        def streamed(step: Callable[..., Iterator[PageUpdate]]
+                     ) -> Callable[..., Iterator[tuple[Any, ...]]]:
+            def run(state_value: Any, *args: Any, request: gr.Request
+                    ) -> Iterator[tuple[Any, ...]]:
+                session = session_of(state_value, request)
+                for update in step(session, *args):
+                    out = list(render(session, update))
+                    if not update.generating:  # the end: after_stream settles these two
+                        out[STOP] = out[CHOICE] = gr.skip()
+                    yield tuple(out)
+            return run
+
+        def after_stream(state_value: Any) -> tuple[Any, Any]:
+            """Once a streaming event has completed: disable Stop, show the "which is
+            better" buttons if a regenerate is waiting for an answer. (Gradio re-sends a
+            stream's last output when the event completes, so anything the last output
+            set could flip back after a quick click; these two are set only here.)"""
+            session = state_value if isinstance(state_value, ChatSession) else None
+            live = session is not None and session.generating
+            waiting = session is not None and session.pending_choice is not None
+            return gr.Button(interactive=live), gr.Row(visible=waiting and not live)
+
+        def on_load(remembered: Any, request: gr.Request) -> tuple[Any, ...]:
+            session, update = handlers.load(remembered, user_id=_username(request))
+            return render(session, update)
+
+        def on_send(state_value: Any, text: str, prompt: str, request: gr.Request
+                    ) -> Iterator[tuple[Any, ...]]:
+            yield from streamed(handlers.send)(state_value, text, prompt, request=request)
+
+        def on_retry(state_value: Any, data: gr.RetryData, request: gr.Request
+                     ) -> Iterator[tuple[Any, ...]]:
+            index = data.index if isinstance(data.index, int) else None
+            position = index + 1 if index is not None else None
+            yield from streamed(handlers.regenerate)(state_value, position, request=request)
+
+        def on_regenerate(state_value: Any, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+            yield from streamed(handlers.regenerate)(state_value, request=request)
+
+        def on_edit(state_value: Any, data: gr.EditData, request: gr.Request
+                    ) -> Iterator[tuple[Any, ...]]:
+            yield from streamed(handlers.edit)(state_value, data.index, data.value,
+                                               request=request)
+
+        def on_like(state_value: Any, data: gr.LikeData, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.rate)(state_value, data.index, data.liked, request=request)
+
+        def on_select(state_value: Any, data: gr.SelectData, request: gr.Request
+                      ) -> tuple[Any, ...]:
+            return one(handlers.select)(state_value, data.index, request=request)
+
+        def on_comment(state_value: Any, text: str, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.comment)(state_value, text, request=request)
+
+        def on_prefer(prefer: str) -> Callable[..., tuple[Any, ...]]:
+            def run(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+                return one(handlers.choose)(state_value, prefer, request=request)
+            return run
+
+        def on_stop(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.stop)(state_value, request=request)
+
+        def on_new_chat(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.new_chat)(state_value, request=request)
+
+        quick = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
+        stream = dict(outputs=outputs, show_progress="hidden")
+        then = dict(fn=after_stream, inputs=[state], outputs=[stop_btn, choice_row],
+                    show_progress="hidden", api_visibility="private", concurrency_limit=None)
+        demo.load(on_load, [memory], outputs, show_progress="hidden", api_visibility="private")
+        send_btn.click(on_send, [state, message, system_prompt], api_name="send",
+                       **stream).then(**then)
+        message.submit(on_send, [state, message, system_prompt], api_visibility="private",
+                       **stream).then(**then)
+        regen_btn.click(on_regenerate, [state], api_name="regenerate", **stream).then(**then)
+        chatbot.retry(on_retry, [state], api_visibility="private", **stream).then(**then)
+        chatbot.edit(on_edit, [state], api_visibility="private", **stream).then(**then)
+        chatbot.like(on_like, [state], api_visibility="private", **quick)
+        chatbot.select(on_select, [state], api_visibility="private", **quick)
+        comment_btn.click(on_comment, [state, comment], api_name="comment", **quick)
+        comment.submit(on_comment, [state, comment], api_visibility="private", **quick)
+        prev_better.click(on_prefer("previous"), [state], api_name="prefer_previous", **quick)
+        new_better.click(on_prefer("new"), [state], api_name="prefer_new", **quick)
+        stop_btn.click(on_stop, [state], api_name="stop", **quick)
+        new_btn.click(on_new_chat, [state], api_name="new_chat", **quick)
+        chatbot.clear(on_new_chat, [state], api_visibility="private", **quick)
+    return demo
+
+
+def _username(request: gr.Request | None) -> str | None:
+    name = getattr(request, "username", None) if request is not None else None
+    return name if isinstance(name, str) and name.strip() else None
