@@ -135,6 +135,7 @@ def create_app(services: Services) -> FastAPI:
     page = build_chat_page(store=services.store, engine=services.engine, settings=ChatPageSettings(
         max_message_chars=settings.max_message_chars,
         default_system_prompt=settings.system_prompt,
+        browser_state_secret=settings.resolved_session_secret(),
         sampling=SamplingParams(max_new_tokens=settings.max_new_tokens,
                                 temperature=settings.temperature, top_p=settings.top_p),
     ))

@@ -59,6 +59,9 @@ class Settings:
     operator_user: str = field(default="", metadata=_meta("operator console login name"))
     operator_password: str = field(default="", metadata=_meta(
         "operator console password", secret=True))
+    session_secret: str = field(default="", metadata=_meta(
+        "secret that protects what the chat page keeps in each browser; empty: one is made "
+        "and kept in the data folder (set the same one on every replica)", secret=True))
     api_keys: str = field(default="", metadata=_meta(
         "comma-separated API keys for /v1 (required in production mode)", secret=True))
     retrain_interval_minutes: float = field(default=60.0, metadata=_meta(
@@ -79,6 +82,21 @@ class Settings:
     @property
     def resolved_adapters_dir(self) -> Path:
         return self.adapters_dir or self.data_dir / "adapters"
+
+    def resolved_session_secret(self) -> str:
+        """The configured secret, or one kept in DATA_DIR/.session-secret (made once)."""
+        if self.session_secret:
+            return self.session_secret
+        import secrets
+
+        path = self.data_dir / ".session-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(32))
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        return path.read_text().strip()
 
     def problems(self) -> list[str]:
         p = []
