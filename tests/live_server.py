@@ -33,11 +33,12 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(model_path: Path | str, data_dir: Path, **overrides: Any) -> Iterator[LiveServer]:
+def live_server(model_path: Path | str, data_dir: Path, *, device: str = "cpu",
+                **overrides: Any) -> Iterator[LiveServer]:
     """Serve the app over ``model_path`` with its data in ``data_dir``; stop it after."""
     settings = replace(Settings(), data_dir=data_dir, model=str(model_path), port=free_port(),
                        scheduler=False, adapter_poll_seconds=0.2, **overrides).validate()
-    engine = Engine.from_config(EngineConfig(model=str(model_path), device="cpu",
+    engine = Engine.from_config(EngineConfig(model=str(model_path), device=device,
                                              max_concurrent=settings.max_concurrent,
                                              max_queued=settings.max_queued))
     services = build_services(settings, engine=engine, start_scheduler=False)

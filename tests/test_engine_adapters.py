@@ -165,6 +165,38 @@ def test_unload_waits_for_replies_on_that_version_then_deletes_it(
     assert reply(engine, "v1") == setup["refs"]["v1"]
 
 
+def test_reactivating_a_version_whose_unload_is_pending_calls_the_unload_off(
+    engine: Engine, setup: dict
+) -> None:
+    """A rollback right after a swap: the old version is still finishing a reply and
+    waiting to be unloaded when it becomes active again; it must keep serving."""
+    import threading
+
+    engine.load_adapter("v1", setup["v1"])
+    engine.load_adapter("v2", setup["v2"])
+    engine.activate("v1")
+    long_v1 = engine.stream(CHAT, SamplingParams(temperature=0.0, max_new_tokens=400))
+    engine.activate("v2")
+    outcome: list[BaseException | None] = []
+
+    def unload() -> None:
+        try:
+            engine.unload_adapter("v1", timeout=120)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=unload)
+    waiter.start()
+    assert wait_until(lambda: "v1" in engine._shared.unloading)
+    engine.activate("v1")  # the rollback
+    waiter.join(timeout=120)
+    assert isinstance(outcome[0], AdapterError) and "called off" in str(outcome[0])
+    assert long_v1.result(timeout=120) == reference(setup["model"], setup["v1"], n=400)
+    assert "v1" in engine.loaded_versions() and engine.active_version == "v1"
+    assert reply(engine) == setup["refs"]["v1"]
+
+
 def test_versions_that_cannot_be_used_are_refused(engine: Engine, setup: dict) -> None:
     engine.load_adapter("v1", setup["v1"])
     with pytest.raises(AdapterError, match="already loaded"):

@@ -143,10 +143,20 @@ class Engine:
         log.info("loaded adapter version %s from %s", version, folder.path)
 
     def activate(self, version: str) -> None:
-        """Send new requests to ``version`` (``BASE_VERSION``: the bare base)."""
+        """Send new requests to ``version`` (``BASE_VERSION``: the bare base).
+
+        A version whose unload is still waiting for its last replies (a rollback soon
+        after a swap) stays loaded: the pending unload is called off.
+        """
+        cancelled = None
         with self._shared.cond:
+            if version in self._shared.adapters:
+                cancelled = self._shared.unloading.pop(version, None)
             self._check_servable(version)
             self._active = version
+        if cancelled is not None:
+            cancelled.set()  # wake the waiter; it sees the version still loaded
+            log.info("unload of %s called off: it is active again", version)
         log.info("active version is now %s", version)
 
     @property
@@ -190,6 +200,12 @@ class Engine:
                 f"adapter version {version!r} is still used by {self.in_flight(version)} "
                 f"replies after {timeout} s; it will be unloaded when they end"
             )
+        if wait:
+            with self._shared.cond:
+                if version in self._shared.adapters and version not in self._shared.unloading:
+                    raise AdapterError(
+                        f"the unload of {version!r} was called off: it was activated again"
+                    )
 
     # -- generation --------------------------------------------------------------------
 

@@ -156,18 +156,19 @@ class Worker(threading.Thread):
 
     def _unload(self, version: str) -> None:
         with self.shared.cond:
-            name = self.shared.adapters.get(version)
+            # re-checked under the lock: Engine.activate may have called the unload off
+            if version not in self.shared.unloading or self.shared.in_flight[version]:
+                return
+            name = self.shared.adapters.pop(version, None)
+            event = self.shared.unloading.pop(version)
         try:
             if name is not None:
                 self.adapters.delete(name)
         except Exception:
             log.exception("deleting adapter version %s failed", version)
         with self.shared.cond:
-            self.shared.adapters.pop(version, None)
-            event = self.shared.unloading.pop(version, None)
             self.shared.cond.notify_all()
-        if event is not None:
-            event.set()
+        event.set()
 
     def _drop_cancelled(self) -> None:
         if any(r.cancel_requested for r in self.running):
