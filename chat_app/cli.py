@@ -141,14 +141,14 @@ def cmd_demo_model(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
     from retrain import start_round
 
-    run = start_round(settings=_retrain_settings(settings), trigger="cli", wait=args.wait)
+    run = start_round(settings=retrain_settings(settings), trigger="cli", wait=args.wait)
     print(json.dumps({"run": run.id, "status": run.status, "decision": run.decision,
                       "candidate_version": run.candidate_version, "reasons": list(run.reasons),
                       "error": run.error}, indent=2))
     return 0 if run.status in ("succeeded", "rejected", "queued", "running") else 1
 
 
-def _retrain_settings(settings: Settings) -> dict[str, Any]:
+def retrain_settings(settings: Settings) -> dict[str, Any]:
     from .model_source import resolve_model
 
     return {

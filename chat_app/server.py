@@ -3,6 +3,7 @@
     GET  /healthz    200 {"status": "ok", "adapter_version": ...} when ready, 503 if not
     GET  /metrics    Prometheus text
     /v1/...          the HTTP API for programs (see chat_app.api.routes)
+    /console         the operator console (operator login; 403 when none is configured)
     /                the chat page (Gradio)
 
 ``build_services`` opens the store (migrating it), loads the model, starts the
@@ -85,9 +86,9 @@ def _start_scheduler(settings: Settings) -> Any | None:
     except ImportError:
         log.warning("retraining is not installed here; the scheduler is off")
         return None
-    from .cli import _retrain_settings
+    from .cli import retrain_settings
 
-    return start_scheduler(settings=_retrain_settings(settings),
+    return start_scheduler(settings=retrain_settings(settings),
                            interval_minutes=settings.retrain_interval_minutes,
                            min_feedback=settings.retrain_min_feedback)
 
@@ -132,6 +133,9 @@ def create_app(services: Services) -> FastAPI:
     from .engine import SamplingParams
 
     install_api(app, services)
+    from .console import mount_console
+
+    mount_console(app, services)  # /console, behind the operator login
     page = build_chat_page(store=services.store, engine=services.engine, settings=ChatPageSettings(
         max_message_chars=settings.max_message_chars,
         default_system_prompt=settings.system_prompt,

@@ -83,6 +83,18 @@ class VersionSummary:
         return (self.kto_rows or 0) + (self.dpo_rows or 0)
 
 
+@dataclass(frozen=True)
+class RunHeadline:
+    """What a list of training runs shows, without the runs' (long) histories."""
+
+    id: int
+    trigger: str
+    status: str
+    created_at: datetime
+    requested_by: str | None
+    candidate_version: str | None
+
+
 def _bucket_expr(s: Session, bucket: str) -> ColumnElement[Any]:
     py_fmt, pg_fmt, width = _BUCKET_FORMATS[bucket]
     col = FeedbackEventRow.created_at
@@ -248,6 +260,21 @@ def conversation_events(store: FeedbackStore, conversation_id: int) -> list[Feed
     return store.db.run(work, write=False)
 
 
+def run_headlines(store: FeedbackStore, *, limit: int = 30) -> list[RunHeadline]:
+    """The newest ``limit`` training runs, newest first (a cheap query for a picker)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise InvalidInput("limit must be an integer between 1 and 1000")
+    t = TrainingRunRow
+
+    def work(s: Session) -> list[RunHeadline]:
+        q = (select(t.id, t.trigger, t.status, t.created_at, t.requested_by,
+                    t.candidate_version).order_by(t.id.desc()).limit(limit))
+        return [RunHeadline(i, trig, st, convert.aware(c), who, cand)
+                for i, trig, st, c, who, cand in s.execute(q)]
+
+    return store.db.run(work, write=False)
+
+
 def version_summaries(store: FeedbackStore) -> list[VersionSummary]:
     """Every adapter version, oldest first, with its run's row counts and status."""
 
@@ -265,7 +292,7 @@ def version_summaries(store: FeedbackStore) -> list[VersionSummary]:
 
 
 __all__ = [
-    "BUCKETS", "Facets", "VersionSummary", "VersionThumbs", "VolumePoint", "conversation_events",
-    "count_feedback", "feedback_facets", "feedback_volume", "thumbs_by_version",
-    "version_summaries",
+    "BUCKETS", "Facets", "RunHeadline", "VersionSummary", "VersionThumbs", "VolumePoint",
+    "conversation_events", "count_feedback", "feedback_facets", "feedback_volume",
+    "run_headlines", "thumbs_by_version", "version_summaries",
 ]

@@ -45,11 +45,16 @@ def start_round(
     Raises feedback_store.RunInProgress when a run is already queued or running.
     """
     settings = RetrainSettings.coerce(settings)
-    reg = FeedbackStore.open(settings.database_url).registry
-    reaped = reg.reap_stale_runs(older_than=timedelta(seconds=settings.stale_after_seconds))
-    if reaped:
-        log.warning("marked runs %s failed: their worker stopped answering", reaped)
-    run = reg.start_run(trigger=trigger, requested_by=requested_by)
+    store = FeedbackStore.open(settings.database_url)
+    reg = store.registry
+    try:
+        reaped = reg.reap_stale_runs(older_than=timedelta(seconds=settings.stale_after_seconds))
+        if reaped:
+            log.warning("marked runs %s failed: their worker stopped answering", reaped)
+        run = reg.start_run(trigger=trigger, requested_by=requested_by)
+    except BaseException:
+        store.close()
+        raise
     logfile = _log_path(settings, run.id)
     try:
         with open(logfile, "ab") as out:
@@ -60,16 +65,26 @@ def start_round(
             )
     except OSError as exc:
         reg.update_run(run.id, status="failed", error=f"could not start the worker: {exc}")
+        store.close()
         return reg.get_run(run.id)
     log.info("training run %d started (pid %d, log %s)", run.id, proc.pid, logfile)
     if wait:
-        return _reap(reg, run.id, proc, logfile)
-    threading.Thread(target=_reap, args=(reg, run.id, proc, logfile), daemon=True,
+        return _reap(store, run.id, proc, logfile)
+    started = reg.get_run(run.id)
+    threading.Thread(target=_reap, args=(store, run.id, proc, logfile), daemon=True,
                      name=f"run-{run.id}").start()
-    return reg.get_run(run.id)
+    return started
 
 
-def _reap(reg: Any, run_id: int, proc: subprocess.Popen, logfile: Path) -> TrainingRun:
+def _reap(store: FeedbackStore, run_id: int, proc: subprocess.Popen,
+          logfile: Path) -> TrainingRun:
+    try:
+        return _finish(store.registry, run_id, proc, logfile)
+    finally:
+        store.close()
+
+
+def _finish(reg: Any, run_id: int, proc: subprocess.Popen, logfile: Path) -> TrainingRun:
     code = proc.wait()
     run = reg.get_run(run_id)
     if run.status not in FINAL:
