@@ -128,12 +128,9 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(settings: Settings, args: argparse.Namespace) -> int:
-    from .demo_model.build import build_demo_model, ensure_demo_model
+    from .demo_model.build import ensure_demo_model
 
-    if args.steps is not None:
-        path = build_demo_model(settings.data_dir / "demo-model", steps=args.steps)
-    else:
-        path = ensure_demo_model(settings.data_dir, rebuild=True)
+    path = ensure_demo_model(settings.data_dir, rebuild=True, steps=args.steps)
     print(f"demo model ready at {path}")
     return 0
 
