@@ -100,3 +100,15 @@ def test_unreachable_database_is_a_clear_error(tmp_path):
     r = cli("db", "upgrade", "--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     assert r.returncode == 1
     assert "unavailable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_model_build_command_builds_a_loadable_model(tmp_path):
+    r = cli("demo-model", "build", "--steps", "10", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "demo-model"
+    assert "demo model ready" in r.stdout and (folder / "demo-model.json").is_file()
+    manifest = json.loads((folder / "demo-model.json").read_text())
+    assert manifest["steps"] == 10
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).chat_template
