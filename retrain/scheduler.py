@@ -61,7 +61,9 @@ class RetrainScheduler:
         return self
 
     def shutdown(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        self.store.close()
 
     def state(self) -> dict[str, Any]:
         """The schedule as an operator sees it, with the next run time and pending count."""
