@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, or_, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session, aliased
 
 from . import convert
@@ -20,7 +20,7 @@ from .convert import check_text, check_user, utc
 from .errors import InvalidInput
 from .models import AdapterVersionRow, FeedbackEventRow, MessageRow, TrainingRunRow
 from .records import EVENT_KINDS, AdapterVersion, FeedbackEvent
-from .store import FeedbackStore
+from .store import FeedbackStore, log_filters
 
 BUCKETS = ("day", "hour")
 _BUCKET_FORMATS = {"day": ("%Y-%m-%d", "YYYY-MM-DD", 10), "hour": ("%Y-%m-%d %H", "YYYY-MM-DD HH24", 13)}
@@ -174,25 +174,15 @@ def _log_conditions(
 ) -> Select[Any]:
     """The WHERE clauses of ``FeedbackStore.feedback_log`` (same joins, same meaning)."""
     reply, prompt, other = aliased(MessageRow), aliased(MessageRow), aliased(MessageRow)
-    if kinds:
-        q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
-    if since is not None:
-        q = q.where(FeedbackEventRow.created_at >= since)
-    if until is not None:
-        q = q.where(FeedbackEventRow.created_at < until)
-    if adapter_version is not None:
-        q = q.where(FeedbackEventRow.adapter_version == adapter_version)
-    if user_id is not None:
-        q = q.where(FeedbackEventRow.user_id == user_id)
-    if search:
+    if search:  # the text columns are needed only to search them
         q = (
             q.join(reply, reply.id == FeedbackEventRow.reply_id)
             .outerjoin(prompt, prompt.id == reply.parent_id)
             .outerjoin(other, other.id == FeedbackEventRow.other_reply_id)
-            .where(or_(*(col.icontains(search, autoescape=True) for col in (
-                reply.content, prompt.content, FeedbackEventRow.comment, other.content))))
         )
-    return q
+    return log_filters(q, texts=(reply.content, prompt.content, other.content), kinds=kinds,
+                       since=since, until=until, adapter_version=adapter_version,
+                       user_id=user_id, search=search)
 
 
 def count_feedback(

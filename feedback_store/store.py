@@ -508,21 +508,9 @@ class FeedbackStore:
                 .outerjoin(prompt, prompt.id == reply.parent_id)
                 .outerjoin(other, other.id == FeedbackEventRow.other_reply_id)
             )
-            if kinds:
-                q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
-            if since is not None:
-                q = q.where(FeedbackEventRow.created_at >= since)
-            if until is not None:
-                q = q.where(FeedbackEventRow.created_at < until)
-            if adapter_version is not None:
-                q = q.where(FeedbackEventRow.adapter_version == adapter_version)
-            if user_id is not None:
-                q = q.where(FeedbackEventRow.user_id == user_id)
-            if search:  # a literal substring: % and _ are not wildcards here
-                q = q.where(
-                    or_(*(col.icontains(search, autoescape=True) for col in (
-                        reply.content, prompt.content, FeedbackEventRow.comment, other.content)))
-                )
+            q = log_filters(q, texts=(reply.content, prompt.content, other.content),
+                            kinds=kinds, since=since, until=until,
+                            adapter_version=adapter_version, user_id=user_id, search=search)
             if before_id is not None:
                 q = q.where(FeedbackEventRow.id < before_id)
             q = q.order_by(FeedbackEventRow.id.desc()).limit(limit)
@@ -535,6 +523,39 @@ class FeedbackStore:
             ]
 
         return self.db.run(work, write=False)
+
+
+def log_filters(
+    q: Any,
+    *,
+    texts: Sequence[Any],
+    kinds: Sequence[str] | None,
+    since: datetime | None,
+    until: datetime | None,
+    adapter_version: str | None,
+    user_id: str | None,
+    search: str | None,
+) -> Any:
+    """The WHERE clauses of ``feedback_log`` (shared with the console's counts).
+
+    ``texts``: the reply, prompt and other-reply content columns the query joined,
+    searched with the event's comment for ``search``, a literal substring (``%`` and
+    ``_`` are not wildcards).
+    """
+    if kinds:
+        q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
+    if since is not None:
+        q = q.where(FeedbackEventRow.created_at >= since)
+    if until is not None:
+        q = q.where(FeedbackEventRow.created_at < until)
+    if adapter_version is not None:
+        q = q.where(FeedbackEventRow.adapter_version == adapter_version)
+    if user_id is not None:
+        q = q.where(FeedbackEventRow.user_id == user_id)
+    if search:
+        q = q.where(or_(*(col.icontains(search, autoescape=True)
+                          for col in (*texts, FeedbackEventRow.comment))))
+    return q
 
 
 def _get(s: Session, model: type, key: Any, what: str) -> Any:
