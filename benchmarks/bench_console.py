@@ -33,15 +33,15 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import postgres_database  # noqa: E402
 from sqlalchemy import insert, text  # noqa: E402
 
 from chat_app.console.context import ConsoleContext  # noqa: E402
@@ -74,25 +74,6 @@ TOPICS = ["weather", "cooking", "python", "travel", "music", "history", "footbal
           "kites", "shells"]
 DAYS = 90
 START = datetime(2026, 8, 1, tzinfo=UTC)
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """Create a fresh database on the server behind ``admin_url``; drop it afterwards."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(admin_url)
-    name = f"bench_console_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 def bulk_load(store: FeedbackStore, events: int) -> dict[str, Any]:
@@ -275,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_postgres or not args.postgres_url:
         notes.append(f"PostgreSQL skipped: no server (set ${PG_ENV} or pass --postgres-url)")
     else:
-        with postgres_database(args.postgres_url) as url:
+        with postgres_database(args.postgres_url, "bench_console") as url:
             r, o, loads["postgresql"] = bench_backend("postgresql", url, args)
             rows, other = rows + r, other + o
     for backend, loaded in loads.items():

@@ -31,13 +31,13 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import postgres_database  # noqa: E402
 
 from feedback_store import FeedbackStore  # noqa: E402
 
@@ -50,25 +50,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n * q / 100)
     return sorted_values[int(rank) - 1]
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """Create a fresh database on the server behind ``admin_url``; drop it afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(admin_url)
-    name = f"bench_store_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 def seed(store: FeedbackStore, conversations: int, replies_each: int) -> list[int]:
@@ -221,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_postgres or not args.postgres_url:
         notes.append(f"PostgreSQL skipped: no server (set ${PG_ENV} or pass --postgres-url)")
     else:
-        with postgres_database(args.postgres_url) as url:
+        with postgres_database(args.postgres_url, "bench_store") as url:
             rows += bench_backend("postgresql", url, args)
 
     notes.append(f"{os.cpu_count()} CPUs; one engine per backend shared by all threads "

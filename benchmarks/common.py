@@ -16,7 +16,9 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +318,22 @@ def machine_note() -> str:
     except OSError:
         load = ""
     return f"{os.cpu_count()} CPUs{load}; measured {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+@contextmanager
+def postgres_database(admin_url: str, prefix: str = "bench") -> Iterator[str]:
+    """Create a fresh database on the server behind ``admin_url``; drop it afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(admin_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
