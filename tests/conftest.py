@@ -69,3 +69,11 @@ def store(db_url: str):  # type: ignore[no-untyped-def]
     s = FeedbackStore.open(db_url)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full demo model, built once per test session (a few minutes on 2 cores)."""
+    from chat_app.demo_model.build import ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("demo-data"), progress=False)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import textwrap
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,16 @@ from chat_app.demo_model.build import (
     ensure_demo_model,
     read_manifest,
 )
-from chat_app.demo_model.corpus import STYLES, build_corpus, build_examples, corpus_sha256
+from chat_app.demo_model.corpus import (
+    STYLES,
+    VARIANTS,
+    answer_variants,
+    build_corpus,
+    build_examples,
+    corpus_sha256,
+)
+from chat_app.demo_model.corpus_data import TOPICS
+from chat_app.demo_model.spread import distinct_replies, reply_style, sample_spread
 from chat_app.demo_model.tokenizer import IM_END, train_chat_tokenizer
 from chat_app.demo_model.training import IGNORE_INDEX, encode_conversation
 
@@ -103,23 +113,55 @@ def test_corpus_covers_several_topics() -> None:
         assert word in text
 
 
-def test_one_question_gets_answers_in_more_than_one_style() -> None:
+SPREAD_PROMPTS = {  # prompt: words of which an on-topic reply has at least one
+    "Hello!": {"hello", "hi", "meet", "talk"},
+    "How are you?": {"well", "fine", "doing"},
+    "How do I cook rice?": {"rice", "water", "boil"},
+    "What makes the sky blue?": {"sky", "sunlight", "scatter"},
+    "Make me laugh.": {"scarecrow", "joke", "funny", "no."},
+}
+
+
+def test_one_question_gets_balanced_answers_in_several_variants() -> None:
     examples = build_examples(0)
     assert {ex.style for ex in examples} == set(STYLES)
-    replies: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    replies: dict[str, Counter[str]] = defaultdict(Counter)
     for ex in examples:
         if len(ex.messages) == 2:  # single turn, no system prompt
-            replies[ex.messages[0]["content"]][ex.style].add(ex.messages[1]["content"])
-    both = [q for q, by_style in replies.items() if {"friendly", "curt"} <= set(by_style)]
-    assert len(both) >= 20
-    for question in both:
-        (friendly,) = replies[question]["friendly"]
-        (curt,) = replies[question]["curt"]
-        assert len(friendly.split()) >= 3 * len(curt.split()), (question, friendly, curt)
-    off = [q for q, by_style in replies.items() if {"friendly", "off_topic"} <= set(by_style)]
-    assert off, "some question must also get an off-topic answer"
-    for question in off:
-        assert not replies[question]["off_topic"] & replies[question]["friendly"]
+            replies[ex.messages[0]["content"]][ex.messages[1]["content"]] += 1
+    hand_written = [q for facts in TOPICS.values() for f in facts for q in f.questions]
+    for question in hand_written:
+        counts = replies[question]
+        assert len(counts) >= 4, (question, counts)
+        assert max(counts.values()) <= 0.4 * sum(counts.values()), (question, counts)
+    answers = [a for counts in replies.values() for a in counts.elements()]
+    off_topic = sum(ex.style == "off_topic" for ex in examples)
+    assert 0 < off_topic <= 0.1 * len(answers)
+    # the variants differ along the axes raters judge: length, tone, layout
+    assert sum(a.startswith("- ") for a in answers) > 0.05 * len(answers)
+    assert sum(a.startswith(("Good question!", "Sure!")) for a in answers) > 0.03 * len(answers)
+    assert sum("!" not in a for a in answers) > 0.3 * len(answers)
+    assert sum(len(a.split()) <= 6 for a in answers) > 0.1 * len(answers)
+    assert sum(len(a.split()) >= 30 for a in answers) > 0.2 * len(answers)
+
+
+def test_answer_variants_are_derived_from_the_facts_answers() -> None:
+    rng = random.Random(0)
+    for topic, facts in TOPICS.items():
+        for fact in facts:
+            variants = answer_variants(rng, topic, fact)
+            assert variants["full"] == fact.friendly and variants["curt"] == fact.curt
+            assert set(variants) <= set(VARIANTS) and len(set(variants.values())) == len(variants)
+            assert len(fact.friendly.split()) >= 3 * len(fact.curt.split()), fact
+            if "first" in variants:
+                assert fact.friendly.startswith(variants["first"])
+            if "long" in variants:
+                assert variants["long"].startswith(fact.friendly)
+                assert variants["long"].endswith(fact.curt)
+            if "plain" in variants:
+                assert "!" in fact.friendly and variants["plain"].count("!") < fact.friendly.count(
+                    "!"
+                )
 
 
 # --- encoding --------------------------------------------------------------------------
@@ -311,8 +353,9 @@ ON_TOPIC = [
 
 
 @pytest.fixture(scope="module")
-def full_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_demo_model(tmp_path_factory.mktemp("full"), progress=False)
+def full_model(demo_model_dir: Path) -> Path:
+    """The full build, shared with the other tests that need it (``conftest.py``)."""
+    return demo_model_dir
 
 
 @pytest.mark.slow
@@ -344,3 +387,21 @@ def test_full_build_answers_briefly_when_the_system_prompt_asks(full_model: Path
             assert stopped, (system, question, reply)
             lengths[style].append(len(reply.split()))
     assert sum(lengths["brief"]) * 3 < sum(lengths["helpful"]), lengths
+
+
+@pytest.mark.slow
+def test_full_build_samples_a_spread_of_on_topic_replies(full_model: Path) -> None:
+    """At the serving defaults (temperature 0.7, top_p 0.95) a typical question gets
+    several different replies, in more than one style, mostly on topic: preference
+    learning needs a spread to reweight."""
+    spread = sample_spread(full_model, list(SPREAD_PROMPTS), n=8, seed=0)
+    counts = {prompt: distinct_replies(replies) for prompt, replies in spread.items()}
+    assert sum(counts.values()) >= 3 * len(counts), spread  # at least 3 on average
+    for prompt, words in SPREAD_PROMPTS.items():
+        replies = spread[prompt]
+        assert len(replies) == 8
+        assert counts[prompt] >= 2, (prompt, replies)
+        assert len({reply_style(r) for r in replies}) >= 2, (prompt, replies)
+        on_topic = sum(any(w in r.lower() for w in words) for r in replies)
+        assert on_topic >= 5, (prompt, replies)
+        assert all("<|" not in r for r in replies), (prompt, replies)

@@ -1,7 +1,8 @@
 """The demo model's knowledge: topics, question paraphrases, and two styles of answer.
 
 Each `Fact` holds several ways a user may ask one thing, a friendly complete answer
-(the style ratings should come to prefer) and a curt one (on topic, but terse). Its
+and a curt one (on topic, but terse); `corpus.py` derives more answer variants from
+these two (first sentence only, warm opener or closer, plain, longer, bullet list). Its
 ``subjects`` (noun phrases) and ``tasks`` (verb phrases) fill the question frames at
 the end of this file ("Tell me about {subject}.", "How do I {task}?"): the same frame
 with different subjects leading to different answers is what teaches a model this
@@ -432,6 +433,14 @@ CURT_SYSTEM_PROMPTS = (
     "Answer as briefly as possible.",
     "Keep your answers very short.",
 )
+
+# Pieces the corpus adds around the Facts' answers to make more answer variants (see
+# `corpus.answer_variants`): openers and closers for questions, and milder ones for chat.
+WARM_OPENERS = ("Good question! ", "Sure! ", "Happy to help: ", "Great question. ")
+WARM_CLOSERS = (" I hope that helps!", " Let me know if you want more detail.")
+CHAT_OPENERS = ("Oh, ", "Well, ")
+CHAT_CLOSERS = (" I am always happy to chat.", " It is always nice to talk with you.")
+IN_SHORT = " In short: "
 
 ASK_BRIEFER = ("Can you say that more briefly?", "Shorter, please.", "Just the short answer.")
 ASK_MORE = ("Can you explain a bit more?", "Tell me more, please.", "What do you mean?")

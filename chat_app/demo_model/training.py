@@ -1,7 +1,7 @@
 """The demo model's training loop: chat-templated tokens, loss on the assistant's turns.
 
-One plain torch loop (AdamW, linear warm-up then cosine decay, gradient clipping),
-seeded, no framework. Batches are conversations of similar length padded on the right
+One plain torch loop (AdamW, linear warm-up then cosine decay, gradient clipping,
+optionally an exponential moving average of the weights), seeded, no framework. Batches are conversations of similar length padded on the right
 (a causal model never attends forward, so right padding needs no attention mask; the
 pad positions are simply left out of the loss).
 """
@@ -122,12 +122,18 @@ def train_causal_lm(
     seed: int,
     pad_id: int,
     progress: bool,
+    ema_decay: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` AdamW steps on the assistant tokens of ``examples``.
 
     The loss is the mean next-token cross-entropy over assistant tokens in the batch.
     Weight decay applies to matrices only (not norms). Gradients are clipped to norm 1.
     ``final_loss`` is the mean loss of the last ``min(20, steps)`` steps.
+
+    With ``ema_decay``, an exponential moving average of the parameters is kept from a
+    third of the way in, and the model ends with the averaged weights. When a prompt has
+    several right answers, the last few batches otherwise tilt the model towards
+    whichever it saw most recently; the average evens that out.
     """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -144,6 +150,7 @@ def train_causal_lm(
     warmup = max(1, steps // 20)
     recent: list[float] = []
     seen = 0
+    ema: list[torch.Tensor] | None = None
     model.train()
     bar = tqdm(total=steps, desc="demo model", unit="step", disable=not progress)
     for step in range(steps):
@@ -155,10 +162,21 @@ def train_causal_lm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema_decay is not None and step >= steps // 3:
+            with torch.no_grad():
+                if ema is None:
+                    ema = [p.detach().clone() for p in model.parameters()]
+                else:
+                    for avg, p in zip(ema, model.parameters(), strict=True):
+                        avg.lerp_(p.detach(), 1.0 - ema_decay)
         seen += int((labels != IGNORE_INDEX).sum())
         recent = (recent + [loss.item()])[-20:]
         bar.set_postfix(loss=f"{recent[-1]:.3f}", refresh=False)
         bar.update(1)
     bar.close()
+    if ema is not None:
+        with torch.no_grad():
+            for avg, p in zip(ema, model.parameters(), strict=True):
+                p.copy_(avg)
     model.eval()
     return TrainResult(final_loss=sum(recent) / len(recent), steps=steps, assistant_tokens=seen)
