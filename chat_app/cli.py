@@ -19,9 +19,8 @@ import logging
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from .settings import Settings, SettingsError, fields, load_settings
+from .settings import Settings, SettingsError, fields, load_settings, retrain_settings
 
 log = logging.getLogger("feedback_chat")
 
@@ -143,18 +142,6 @@ def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
                       "candidate_version": run.candidate_version, "reasons": list(run.reasons),
                       "error": run.error}, indent=2))
     return 0 if run.status in ("succeeded", "rejected", "queued", "running") else 1
-
-
-def retrain_settings(settings: Settings) -> dict[str, Any]:
-    from .model_source import resolve_model
-
-    return {
-        "database_url": settings.resolved_database_url,
-        "adapters_dir": str(settings.resolved_adapters_dir),
-        "model": resolve_model(settings),
-        "device": settings.device or None,
-        "quantize_4bit": {"auto": None, "on": True, "off": False}[settings.quantize_4bit],
-    }
 
 
 def cmd_adapters(settings: Settings, args: argparse.Namespace) -> int:

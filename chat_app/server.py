@@ -25,7 +25,7 @@ from feedback_store import FeedbackStore, StoreError
 
 from .hotswap import AdapterWatcher
 from .metrics import MeteredEngine, Metrics
-from .settings import Settings
+from .settings import Settings, retrain_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,6 @@ def _start_scheduler(settings: Settings) -> Any | None:
     except ImportError:
         log.warning("retraining is not installed here; the scheduler is off")
         return None
-    from .cli import retrain_settings
-
     return start_scheduler(settings=retrain_settings(settings),
                            interval_minutes=settings.retrain_interval_minutes,
                            min_feedback=settings.retrain_min_feedback)

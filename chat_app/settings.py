@@ -182,6 +182,22 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
+def retrain_settings(settings: Settings) -> dict[str, Any]:
+    """The settings mapping ``retrain.start_round`` and ``retrain.start_scheduler`` take,
+    from the service's settings (what the ``retrain`` command, the console's "retrain
+    now" and the schedule all pass). Resolving the model builds the demo model on first
+    use when none is named."""
+    from .model_source import resolve_model
+
+    return {
+        "database_url": settings.resolved_database_url,
+        "adapters_dir": str(settings.resolved_adapters_dir),
+        "model": resolve_model(settings),
+        "device": settings.device or None,
+        "quantize_4bit": {"auto": None, "on": True, "off": False}[settings.quantize_4bit],
+    }
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
 ) -> Settings:

@@ -16,14 +16,20 @@ Conflict rules, applied when rows are built (events are never deleted):
   counts; the pair goes the majority's way and is left out on a tie.
 * Edits: every edit is a pair (the edit chosen, the original rejected).
 
-Held-out split: a conversation is in ``eval`` when a salted hash of its id falls
-below ``eval_fraction``; all of a conversation's rows land on the same side, so
-evaluation never sees a training conversation.
+Held-out split: by prompt, not by conversation. A row's prompt key is the last
+user message of its prompt, normalised (:func:`normalise_prompt`: lower-cased,
+punctuation and whitespace runs collapsed to one space). A key is in ``eval`` when a
+salted hash of it falls below ``eval_fraction``, so every row whose prompt normalises
+the same lands on the same side, however many conversations asked it: evaluation
+never sees a prompt that training saw. The ``eval`` split is deduplicated: rows that
+are identical after normalisation (same prompt key and same normalised reply or
+replies, same label) are counted once, the first one kept.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,7 +44,7 @@ from .models import ConversationRow, FeedbackEventRow, MessageRow
 from .store import FeedbackStore
 
 SPLITS = ("train", "eval", "all")
-SPLIT_SALT = "feedback-chat/heldout/v1"
+SPLIT_SALT = "feedback-chat/heldout/v2"
 DEFAULT_EVAL_FRACTION = 0.1
 
 
@@ -69,9 +75,50 @@ class RowFilter:
             raise InvalidInput("; ".join(problems))
 
 
-def split_of(conversation_id: int, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> str:
-    digest = hashlib.sha256(f"{SPLIT_SALT}:{conversation_id}".encode()).digest()
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalise_prompt(text: str) -> str:
+    """``text`` lower-cased with every run of punctuation and whitespace made one space,
+    trimmed: ``"What's  the capital of France?!"`` -> ``"what s the capital of france"``."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def prompt_key(prompt: list[dict[str, str]]) -> str:
+    """The split key of a conversational prompt: its last user message, normalised
+    (all messages' text when it has no user message)."""
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return normalise_prompt(users[-1] if users else " ".join(m["content"] for m in prompt))
+
+
+def split_of(prompt: str | list[dict[str, str]],
+             eval_fraction: float = DEFAULT_EVAL_FRACTION) -> str:
+    """``"eval"`` or ``"train"`` for a prompt: a user message's text or a whole
+    conversational prompt (keyed by :func:`prompt_key`). Deterministic; texts that
+    normalise the same share a side; a larger fraction only moves keys into eval."""
+    key = prompt_key(prompt) if isinstance(prompt, list) else normalise_prompt(prompt)
+    digest = hashlib.sha256(f"{SPLIT_SALT}:{key}".encode()).digest()
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+
+
+def _select_split(rows: list[dict[str, Any]], flt: RowFilter,
+                  replies: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of ``flt.split``; eval rows deduplicated on (prompt key, the normalised
+    ``replies`` fields, label)."""
+    if flt.split == "all":
+        return rows
+    kept = [r for r in rows if split_of(r["prompt"], flt.eval_fraction) == flt.split]
+    if flt.split == "train":
+        return kept
+    seen: set[tuple[Any, ...]] = set()
+    unique = []
+    for row in kept:
+        key = (prompt_key(row["prompt"]), row.get("label"),
+               *(normalise_prompt(row[f][-1]["content"]) for f in replies))
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return unique
 
 
 def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
@@ -102,7 +149,7 @@ def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
             if with_ids:
                 row.update(reply_id=reply_id, conversation_id=reply.conversation_id)
             rows.append(row)
-        return rows
+        return _select_split(rows, flt, ("completion",))
 
     return store.db.run(work, write=False)
 
@@ -146,7 +193,7 @@ def build_dpo_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
                 row.update(chosen_id=chosen_id, rejected_id=rejected_id,
                            conversation_id=chosen.conversation_id)
             rows.append(row)
-        return rows
+        return _select_split(rows, flt, ("chosen", "rejected"))
 
     return store.db.run(work, write=False)
 
@@ -161,10 +208,7 @@ def _events(s: Session, flt: RowFilter, kinds: tuple[str, ...]) -> list[Feedback
         q = q.where(FeedbackEventRow.id <= flt.up_to_event_id)
     if flt.adapter_version is not None:
         q = q.where(FeedbackEventRow.adapter_version == flt.adapter_version)
-    events = list(s.scalars(q.order_by(FeedbackEventRow.id)))
-    if flt.split != "all":
-        events = [e for e in events if split_of(e.conversation_id, flt.eval_fraction) == flt.split]
-    return events
+    return list(s.scalars(q.order_by(FeedbackEventRow.id)))
 
 
 class _Threads:

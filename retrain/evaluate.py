@@ -1,4 +1,12 @@
-"""Evaluate an adapter on held-out feedback and canary prompts, and gate its promotion.
+"""Evaluate an adapter on held-out feedback and on replies it generates, and gate it.
+
+Two evaluations live here. :func:`evaluate_adapter` gives the implicit-reward metrics
+of one adapter on held-out rows plus greedy canary replies (kept for information and
+for training tests). :func:`evaluate_behaviour` is what the gate judges: it samples
+replies from the candidate and from the active version on held-out prompts, scores
+them with a reward model trained on the training split's feedback
+(:mod:`retrain.reward_model`), and measures KL and degenerate replies;
+:func:`gate_decision` turns that into promote / hold / reject with reasons.
 
 Implicit reward (DPO's, also KTO's): ``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))``
 with log-probabilities summed over the completion's tokens, ``pi`` the base + adapter
@@ -13,6 +21,7 @@ degenerate (:func:`is_degenerate`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,8 +31,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from feedback_store.datasets import prompt_key
 from retrain import modeling
 from retrain.losses import sequence_logps
+from retrain.reward_model import ScorerAccuracy, last_user_text, train_reward_model
+from retrain.sampling import encode_prompt, kl_to_base, sample_replies, stop_token_ids
 
 DEFAULT_CANARY_PROMPTS: list[list[dict]] = [
     [{"role": "user", "content": "Hello! How are you today?"}],
@@ -264,7 +276,7 @@ def evaluate_adapter(
     quantize = modeling.resolve_quantize(quantize_4bit, torch_device)
     tokenizer = modeling.load_tokenizer(base_model)
     thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
-    pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo)
+    pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
     torch.manual_seed(seed)
     model = modeling.load_eval_model(
         base_model, adapter_path=adapter_path, device=torch_device, quantize_4bit=quantize
@@ -290,98 +302,376 @@ def evaluate_adapter(
     )
 
 
+
+# ------------------------------------------------------------------------ the gate
+
+
 @dataclass(frozen=True)
 class GateConfig:
-    """Limits of :func:`gate_decision`.
+    """What :func:`gate_decision` asks for, and how :func:`evaluate_behaviour` samples.
 
-    Relative (candidate against the active adapter, on the same held-out rows): pair
-    accuracy, pair margin and KTO separation may drop by at most the ``max_*_drop``
-    margins, the degenerate share may rise by at most ``max_degenerate_increase``.
-    Absolute: ``canary_kl <= max_canary_kl`` and ``degenerate_share <=
-    max_degenerate_share``. ``max_canary_kl`` is 0.5 nats per token: a LoRA tuned on
-    preferences with beta 0.1 usually stays well below 0.1 on ordinary prompts, and at
-    0.5 a 48-token reply is already ~24 nats (a factor e^24) away from the base, which
-    is a change of character, not of tone.
+    Evidence (below it the candidate is held, neither promoted nor rejected):
+    ``min_heldout_rows`` deduplicated held-out rows (thumbs + pairs) on at least
+    ``min_heldout_prompts`` distinct held-out prompts; the feedback-trained scorer's
+    held-out accuracy above ``min_scorer_accuracy`` (else the ratings do not predict
+    themselves); and the candidate's mean score above the active's with the lower
+    confidence bound ``mean difference - confidence_z * stderr > 0`` (paired by prompt).
+
+    Safety (a failure rejects): mean per-token ``KL(candidate || base)`` on its sampled
+    replies at most ``max_kl`` nats/token; the share of degenerate sampled replies at
+    most ``max_degenerate_share`` and at most ``max_degenerate_increase`` above the
+    active's. ``max_canary_kl`` is the older name of ``max_kl``, still read (and then
+    it wins) so existing ``FEEDBACK_CHAT_GATE_MAX_CANARY_KL`` settings keep working.
+
+    Sampling, as served (``chat_app.engine.params`` defaults): ``samples_per_prompt``
+    replies to each of at most ``max_prompts`` held-out prompts, at ``temperature`` and
+    ``top_p``, up to ``max_new_tokens`` tokens, seeded from ``seed``.
     """
 
-    max_accuracy_drop: float = 0.0
-    max_margin_drop: float = 0.0
-    max_separation_drop: float = 0.0
-    max_canary_kl: float = 0.5
+    min_heldout_rows: int = 20
+    min_heldout_prompts: int = 8
+    min_scorer_accuracy: float = 0.6
+    confidence_z: float = 1.96
+    max_kl: float = 0.3
     max_degenerate_share: float = 0.2
-    max_degenerate_increase: float = 0.0
+    max_degenerate_increase: float = 0.05
+    max_prompts: int = 24
+    samples_per_prompt: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    seed: int = 0
+    max_canary_kl: float | None = None
+
+    @property
+    def kl_limit(self) -> float:
+        return self.max_kl if self.max_canary_kl is None else self.max_canary_kl
 
     def validate(self) -> None:
-        """Raise one ValueError listing every negative or non-finite limit."""
-        bad = [
-            f"{name} must be a finite number >= 0, got {value!r}"
-            for name, value in asdict(self).items()
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0)
-        ]
+        """Raise one ValueError listing every bad field."""
+        bad = []
+        for name, value in asdict(self).items():
+            if name == "max_canary_kl" and value is None:
+                continue
+            if name in ("min_heldout_rows", "min_heldout_prompts", "max_prompts",
+                        "samples_per_prompt", "max_new_tokens", "seed"):
+                low = 1 if name in ("max_prompts", "samples_per_prompt", "max_new_tokens") else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    bad.append(f"{name} must be an int >= {low}, got {value!r}")
+            elif not (isinstance(value, int | float) and not isinstance(value, bool)
+                      and math.isfinite(value) and value >= 0):
+                bad.append(f"{name} must be a finite number >= 0, got {value!r}")
+            elif name in ("min_scorer_accuracy", "top_p") and value > 1:
+                bad.append(f"{name} must be at most 1, got {value!r}")
+        if self.top_p == 0:
+            bad.append("top_p must be > 0")
         if bad:
             raise ValueError("invalid GateConfig: " + "; ".join(bad))
 
 
+@dataclass(frozen=True)
+class BehaviourReport:
+    """What :func:`evaluate_behaviour` saw, candidate against the active version.
+
+    Rows and prompts: ``n_heldout_thumbs`` / ``n_heldout_pairs`` held-out rows,
+    ``n_heldout_prompts`` distinct held-out prompts of which ``n_prompts`` were sampled
+    (``samples_per_prompt`` replies each, plus ``n_canary`` fixed canary prompts used
+    for KL and degeneration only). ``scorer``: the feedback-trained scorer's held-out
+    accuracy. Scores are mean ``P(thumbs up)`` by that scorer; ``score_diff`` the mean
+    over prompts of (candidate - active), ``score_lower_bound`` that minus
+    ``confidence_z`` standard errors (None under two prompts). ``kl`` / ``active_kl``
+    nats per token from the base. ``implicit`` holds the implicit-reward metrics of
+    :class:`EvalReport` on the held-out rows (``active/`` keys for the active version),
+    for information only. ``samples`` maps prompt text to one candidate and one active
+    reply, for people to read.
+    """
+
+    active_label: str
+    n_heldout_thumbs: int
+    n_heldout_pairs: int
+    n_heldout_prompts: int
+    n_prompts: int
+    samples_per_prompt: int
+    n_canary: int
+    scorer: ScorerAccuracy
+    n_train_rows: int
+    candidate_score: float | None
+    active_score: float | None
+    score_diff: float | None
+    score_lower_bound: float | None
+    confidence_z: float
+    kl: float
+    active_kl: float
+    degenerate_share: float
+    active_degenerate_share: float
+    implicit: dict[str, float | None]
+    samples: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def n_heldout_rows(self) -> int:
+        return self.n_heldout_thumbs + self.n_heldout_pairs
+
+    def metrics(self) -> dict[str, Any]:
+        """A flat JSON-ready dict: the run's and the version's gate metrics."""
+        out: dict[str, Any] = {
+            **self.implicit,
+            "scorer_accuracy": self.scorer.accuracy,
+            "scorer_thumb_accuracy": self.scorer.thumb_accuracy,
+            "scorer_pair_accuracy": self.scorer.pair_accuracy,
+            "score": self.candidate_score, "active/score": self.active_score,
+            "score_diff": self.score_diff, "score_lower_bound": self.score_lower_bound,
+            "kl": self.kl, "active/kl": self.active_kl,
+            "degenerate_share": self.degenerate_share,
+            "active/degenerate_share": self.active_degenerate_share,
+            "heldout_thumbs": self.n_heldout_thumbs, "heldout_pairs": self.n_heldout_pairs,
+            "heldout_prompts": self.n_heldout_prompts, "sampled_prompts": self.n_prompts,
+            "samples_per_prompt": self.samples_per_prompt, "train_rows_scorer": self.n_train_rows,
+        }
+        return out
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (for the manifest)."""
+        out = asdict(self)
+        out["samples"] = [list(s) for s in self.samples]
+        return out
+
+
+def _heldout_prompts(kto: Sequence[dict], dpo: Sequence[dict], cap: int) -> tuple[list[list[dict]],
+                                                                                 int]:
+    """Distinct held-out prompts (by :func:`prompt_key`), at most ``cap`` of them chosen
+    by a hash of the key (not by age), and how many distinct ones there were."""
+    first: dict[str, list[dict]] = {}
+    for row in [*kto, *dpo]:
+        first.setdefault(prompt_key(row["prompt"]), row["prompt"])
+    order = sorted(first, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    return [first[k] for k in order[:cap]], len(first)
+
+
+def _implicit(model: Any, tokenizer: Any, thumbs: list, pairs: list, beta: float,
+              adapter: str | None, batch_size: int, max_length: int) -> dict[str, float | None]:
+    """Implicit-reward metrics of ``adapter`` (None: the base, all neutral)."""
+    if adapter is None:
+        return {"pair_accuracy": 0.5 if pairs else None, "pair_margin": 0.0 if pairs else None,
+                "kto_separation": 0.0 if thumbs and len({t.desirable for t in thumbs}) == 2
+                else None}
+    model.set_adapter(adapter)
+    scorer = _Scorer(model, tokenizer, True, batch_size, max_length)
+    accuracy, margin, _ = _pair_metrics(scorer, pairs, beta)
+    separation, _ = _thumb_metrics(scorer, thumbs, beta)
+    return {"pair_accuracy": accuracy, "pair_margin": margin, "kto_separation": separation}
+
+
+def evaluate_behaviour(
+    *,
+    base_model: str,
+    candidate_path: Path,
+    active_path: Path | None,
+    train_kto: list[dict],
+    train_dpo: list[dict],
+    heldout_kto: list[dict],
+    heldout_dpo: list[dict],
+    config: GateConfig = GateConfig(),
+    canary_prompts: list[list[dict]] = DEFAULT_CANARY_PROMPTS,
+    beta: float = 0.1,
+    device: str | None = None,
+    quantize_4bit: bool | None = None,
+    max_input_tokens: int = 2048,
+    batch_size: int = 8,
+    max_length: int = 512,
+    active_label: str | None = None,
+) -> BehaviourReport:
+    """Compare the adapter in ``candidate_path`` with ``active_path`` (None: the bare base)
+    on held-out prompts, as the chat server would answer them.
+
+    1. A reward model is trained on ``train_kto`` / ``train_dpo``
+       (:func:`retrain.reward_model.train_reward_model`) and its accuracy measured on
+       ``heldout_kto`` / ``heldout_dpo``.
+    2. The model loads as served (4-bit NF4 on CUDA unless ``quantize_4bit`` says
+       otherwise; prompts cut to ``max_input_tokens`` by dropping the oldest turns),
+       with both adapters side by side. Each distinct held-out prompt (at most
+       ``config.max_prompts``) and each canary prompt gets ``config.samples_per_prompt``
+       sampled replies from each version, with the same seed per prompt for both.
+    3. Held-out replies are scored; per prompt ``d_i = mean candidate score - mean
+       active score``; ``score_diff = mean(d)``, ``score_lower_bound = mean(d) - z *
+       sd(d) / sqrt(n)`` (normal approximation, ``z = config.confidence_z``, sd with
+       n - 1). KL and degenerate shares cover all sampled replies (held-out + canary).
+    """
+    config.validate()
+    for i, messages in enumerate(canary_prompts):
+        modeling.check_messages(messages, "messages", f"canary prompt {i}")
+    torch_device = modeling.resolve_device(device)
+    quantize = modeling.resolve_quantize(quantize_4bit, torch_device)
+    tokenizer = modeling.load_tokenizer(base_model)
+    thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
+    pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo)
+    reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
+    scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
+    prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts)
+
+    model = modeling.load_eval_model(base_model, adapter_path=candidate_path,
+                                     device=torch_device, quantize_4bit=quantize)
+    if active_path is not None:
+        model.load_adapter(str(active_path), adapter_name="active")
+    model.requires_grad_(False)  # set_adapter would otherwise mark an adapter trainable
+    stops = stop_token_ids(model, tokenizer)
+    implicit = _implicit(model, tokenizer, thumbs, pairs, beta, "default", batch_size, max_length)
+    active_implicit = _implicit(model, tokenizer, thumbs, pairs, beta,
+                                "active" if active_path is not None else None, batch_size,
+                                max_length)
+
+    def replies_of(adapter: str | None, messages: list[dict], seed: int) -> tuple[list[str],
+                                                                                 float, int]:
+        ids = encode_prompt(tokenizer, messages, max_input_tokens)
+        kwargs = dict(temperature=config.temperature, top_p=config.top_p,
+                      max_new_tokens=config.max_new_tokens, stop_ids=stops, seed=seed)
+        if adapter is None:
+            with model.disable_adapter():
+                out = sample_replies(model, ids, config.samples_per_prompt, **kwargs)
+            kl, count = 0.0, 0
+        else:
+            model.set_adapter(adapter)
+            out = sample_replies(model, ids, config.samples_per_prompt, **kwargs)
+            kl, count = kl_to_base(model, ids, out, tokenizer.pad_token_id)
+        return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in out], kl, count
+
+    active_name = "active" if active_path is not None else None
+    diffs: list[float] = []
+    cand_scores: list[float] = []
+    act_scores: list[float] = []
+    texts: dict[str, list[str]] = {"cand": [], "act": []}
+    kl = {"cand": [0.0, 0], "act": [0.0, 0]}
+    samples = []
+    for i, messages in enumerate([*prompts, *canary_prompts]):
+        seed = config.seed * 1_000_003 + i
+        cand, c_kl, c_n = replies_of("default", messages, seed)
+        act, a_kl, a_n = replies_of(active_name, messages, seed)
+        texts["cand"] += cand
+        texts["act"] += act
+        kl["cand"][0] += c_kl
+        kl["cand"][1] += c_n
+        kl["act"][0] += a_kl
+        kl["act"][1] += a_n
+        if i < len(prompts):
+            user = last_user_text(messages)
+            c = _mean(reward_model.scores([(user, r) for r in cand]))
+            a = _mean(reward_model.scores([(user, r) for r in act]))
+            cand_scores.append(c)
+            act_scores.append(a)
+            diffs.append(c - a)
+            samples.append((user, cand[0], act[0]))
+
+    diff = _mean(diffs) if diffs else None
+    lower = None
+    if len(diffs) >= 2 and diff is not None:
+        sd = math.sqrt(sum((d - diff) ** 2 for d in diffs) / (len(diffs) - 1))
+        lower = diff - config.confidence_z * sd / math.sqrt(len(diffs))
+
+    def share(replies: list[str]) -> float:
+        return sum(is_degenerate(r) for r in replies) / len(replies) if replies else 0.0
+
+    return BehaviourReport(
+        active_label=active_label or ("active" if active_path is not None else "base"),
+        n_heldout_thumbs=len(heldout_kto),
+        n_heldout_pairs=len(heldout_dpo),
+        n_heldout_prompts=n_distinct,
+        n_prompts=len(prompts),
+        samples_per_prompt=config.samples_per_prompt,
+        n_canary=len(canary_prompts),
+        scorer=scorer_acc,
+        n_train_rows=len(train_kto) + len(train_dpo),
+        candidate_score=_mean(cand_scores) if cand_scores else None,
+        active_score=_mean(act_scores) if act_scores else None,
+        score_diff=diff,
+        score_lower_bound=lower,
+        confidence_z=config.confidence_z,
+        kl=kl["cand"][0] / kl["cand"][1] if kl["cand"][1] else 0.0,
+        active_kl=kl["act"][0] / kl["act"][1] if kl["act"][1] else 0.0,
+        degenerate_share=share(texts["cand"]),
+        active_degenerate_share=share(texts["act"]),
+        implicit={**implicit, **{f"active/{k}": v for k, v in active_implicit.items()}},
+        samples=tuple(samples),
+    )
+
+
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _level(z: float) -> str:
+    """The two-sided confidence level of ``z`` standard errors, e.g. '95%' for 1.96."""
+    return f"{math.erf(z / math.sqrt(2)):.0%}"
 
 
 def gate_decision(
-    candidate: EvalReport, active: EvalReport | None, config: GateConfig = GateConfig()
-) -> tuple[bool, list[str]]:
-    """Decide whether ``candidate`` replaces ``active``; return ``(promote, reasons)``.
+    report: BehaviourReport, config: GateConfig = GateConfig()
+) -> tuple[str, list[str]]:
+    """Decide on the candidate of ``report``: ``("promote" | "hold" | "reject", reasons)``.
 
-    ``active`` is the serving adapter's report (the bare base's for a first version);
-    ``None`` applies the absolute limits only. A relative check runs only when both
-    reports have the metric. ``reasons`` names every failed check, or on promotion is
-    one summary line.
+    Reject when it is unsafe, whatever the evidence: a non-finite measurement, KL from
+    the base above the limit, or too many degenerate replies (absolutely, or risen above
+    the active's by more than the margin). Otherwise hold when the evidence is missing:
+    too few held-out rows or prompts, a scorer that does not predict held-out feedback,
+    or a score difference whose lower confidence bound is not above 0 (a no-op adapter
+    lands here). Otherwise promote. Every reason starts with its decision and says what
+    was measured; a promotion has one summary line.
     """
     config.validate()
-    failures: list[str] = []
-    for name in ("pair_accuracy", "pair_margin", "kto_separation", "canary_kl", "degenerate_share"):
-        value = getattr(candidate, name)
-        if value is not None and not math.isfinite(value):
-            failures.append(f"{name} is not a finite number ({value})")
-    if failures:
-        return False, failures
-    if candidate.canary_kl > config.max_canary_kl + _EPS:
-        failures.append(
-            f"canary KL {candidate.canary_kl:.3f} nats/token exceeds the limit "
-            f"{config.max_canary_kl:.3f}"
-        )
-    if candidate.degenerate_share > config.max_degenerate_share + _EPS:
-        failures.append(
-            f"degenerate canary replies {candidate.degenerate_share:.2f} exceed "
-            f"the limit {config.max_degenerate_share:.2f}"
-        )
-    if active is not None:
-        for name, label, allowed in (
-            ("pair_accuracy", "pair accuracy", config.max_accuracy_drop),
-            ("pair_margin", "pair reward margin", config.max_margin_drop),
-            ("kto_separation", "KTO separation", config.max_separation_drop),
-        ):
-            new, old = getattr(candidate, name), getattr(active, name)
-            if new is not None and old is not None and new < old - allowed - _EPS:
-                failures.append(
-                    f"{label} fell from {old:.3f} to {new:.3f} (allowed drop {allowed:.3f})"
-                )
-        rise = candidate.degenerate_share - active.degenerate_share
-        if rise > config.max_degenerate_increase + _EPS:
-            failures.append(
-                f"degenerate canary replies rose from {active.degenerate_share:.2f} "
-                f"to {candidate.degenerate_share:.2f}"
-            )
-    if failures:
-        return False, failures
+    r = report
+    active = r.active_label
+    numbers = {"KL": r.kl, "degenerate share": r.degenerate_share,
+               "score difference": r.score_diff, "score lower bound": r.score_lower_bound,
+               "candidate score": r.candidate_score, "active score": r.active_score}
+    rejects = [f"reject: {name} is not a finite number ({value})"
+               for name, value in numbers.items() if value is not None and not math.isfinite(value)]
+    if rejects:
+        return "reject", rejects
+    if r.kl > config.kl_limit + _EPS:
+        rejects.append(f"reject: KL {r.kl:.3g} nats/token from the base on sampled replies "
+                       f"exceeds {config.kl_limit:.2f}")
+    if r.degenerate_share > config.max_degenerate_share + _EPS:
+        rejects.append(f"reject: {r.degenerate_share:.0%} of the candidate's sampled replies "
+                       f"are degenerate, over the limit {config.max_degenerate_share:.0%} "
+                       f"({active} {r.active_degenerate_share:.0%})")
+    rise = r.degenerate_share - r.active_degenerate_share
+    if rise > config.max_degenerate_increase + _EPS:
+        rejects.append(f"reject: degenerate sampled replies rose from "
+                       f"{r.active_degenerate_share:.0%} ({active}) to {r.degenerate_share:.0%}, "
+                       f"more than the allowed {config.max_degenerate_increase:.0%}")
+    if rejects:
+        return "reject", rejects
 
-    def versus(name: str) -> str:
-        old = getattr(active, name) if active is not None else None
-        return f"{_fmt(getattr(candidate, name))} (active {_fmt(old)})"
-
-    summary = (
-        f"promote: pair accuracy {versus('pair_accuracy')}, pair margin {versus('pair_margin')}, "
-        f"KTO separation {versus('kto_separation')}, "
-        f"canary KL {candidate.canary_kl:.3f} <= {config.max_canary_kl:.3f}, "
-        f"degenerate {candidate.degenerate_share:.2f} <= {config.max_degenerate_share:.2f}"
-    )
-    return True, [summary]
+    holds = []
+    if r.n_heldout_rows < config.min_heldout_rows or r.n_heldout_prompts < config.min_heldout_prompts:
+        holds.append(
+            f"hold: not enough evidence: {r.n_heldout_rows} held-out rows "
+            f"({r.n_heldout_thumbs} thumbs, {r.n_heldout_pairs} pairs) on {r.n_heldout_prompts} "
+            f"distinct prompts; the gate needs at least {config.min_heldout_rows} rows on "
+            f"{config.min_heldout_prompts} prompts")
+    acc = r.scorer.accuracy
+    if acc is None or acc <= config.min_scorer_accuracy:
+        seen = "no held-out rows" if acc is None else (
+            f"{acc:.0%} of {r.scorer.n_rows} held-out rows right "
+            f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)})")
+        holds.append(
+            f"hold: the feedback does not predict itself on held-out prompts: a scorer trained "
+            f"on {r.n_train_rows} training rows got {seen}, needs more than "
+            f"{config.min_scorer_accuracy:.0%}: ratings look inconsistent or too few")
+    samples = f"{r.n_prompts} held-out prompts × {r.samples_per_prompt} samples"
+    level = _level(r.confidence_z)
+    if r.score_diff is None or r.score_lower_bound is None:
+        holds.append(f"hold: cannot compare replies: {samples} (at least 2 prompts needed)")
+        comparison = ""
+    else:
+        comparison = (
+            f"candidate replies scored {r.candidate_score:.3f} vs {active} "
+            f"{r.active_score:.3f} by the feedback-trained scorer (difference "
+            f"{r.score_diff:+.3f}, {level} lower bound {r.score_lower_bound:+.3f}")
+        if r.score_lower_bound <= 0:
+            holds.append(f"hold: {comparison} ≤ 0) on {samples}: no evidence of improvement")
+    if holds:
+        return "hold", holds
+    return "promote", [
+        f"promote: {comparison} > 0) on {samples}; KL {r.kl:.3f} ≤ {config.kl_limit:.2f} "
+        f"nats/token; degenerate {r.degenerate_share:.0%} ({active} "
+        f"{r.active_degenerate_share:.0%}); scorer accuracy {acc:.0%} on {r.scorer.n_rows} "
+        f"held-out rows"]

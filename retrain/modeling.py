@@ -15,7 +15,9 @@ template's rendering with the generation prompt; the completion is the rendering
 prompt + completion minus that prompt prefix, so the end-of-turn token belongs to the
 completion and is learned. Labels are ``-100`` on the prompt and on padding. A
 sequence longer than ``max_length`` loses prompt tokens from the left; the
-completion is kept whole unless it alone does not fit.
+completion is kept whole unless it alone does not fit. The two sides of a DPO pair
+are truncated together (:func:`fit_pair`, as TRL does): the prompt loses what the
+longer side needs, so chosen and rejected keep exactly the same prompt tokens.
 """
 
 from __future__ import annotations
@@ -83,9 +85,13 @@ def load_tokenizer(base_model: str | Path) -> Any:
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 off CUDA; on CUDA bfloat16 where the GPU has it natively (compute
+    capability 8.0 on), else float16. The serving engine applies the same rule
+    (``chat_app.engine.loading.compute_dtype``), so an adapter trains and serves on a
+    base in the same precision."""
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def load_base_model(
@@ -275,8 +281,14 @@ def encode_kto_rows(tokenizer: Any, rows: Sequence[dict]) -> list[KTOExample]:
     return examples
 
 
-def encode_dpo_rows(tokenizer: Any, rows: Sequence[dict]) -> list[DPOExample]:
-    """Validate and tokenise TRL preference rows ``{prompt, chosen, rejected}``."""
+def encode_dpo_rows(
+    tokenizer: Any, rows: Sequence[dict], *, max_length: int | None = None
+) -> list[DPOExample]:
+    """Validate and tokenise TRL preference rows ``{prompt, chosen, rejected}``.
+
+    With ``max_length`` each pair is truncated to it by :func:`fit_pair`, so that
+    chosen and rejected keep the same prompt tokens (:func:`collate` with the same
+    ``max_length`` then leaves them as they are)."""
     examples = []
     for i, row in enumerate(rows):
         where = f"DPO row {i}"
@@ -285,12 +297,11 @@ def encode_dpo_rows(tokenizer: Any, rows: Sequence[dict]) -> list[DPOExample]:
         prompt = check_messages(row.get("prompt"), "prompt", where)
         chosen = check_messages(row.get("chosen"), "chosen", where)
         rejected = check_messages(row.get("rejected"), "rejected", where)
-        examples.append(
-            DPOExample(
-                encode_turn(tokenizer, prompt, chosen, where),
-                encode_turn(tokenizer, prompt, rejected, where),
-            )
+        example = DPOExample(
+            encode_turn(tokenizer, prompt, chosen, where),
+            encode_turn(tokenizer, prompt, rejected, where),
         )
+        examples.append(example if max_length is None else fit_pair(example, max_length))
     return examples
 
 
@@ -304,6 +315,22 @@ def fit_to_length(
     room = max_length - len(completion)
     prompt = list(prompt_ids)[-room:] if room > 0 else []
     return prompt, completion
+
+
+def fit_pair(example: DPOExample, max_length: int) -> DPOExample:
+    """Truncate both sides of a pair to at most ``max_length`` tokens with one shared
+    prompt: each completion is cut from the right only if it leaves no room for one
+    prompt token (as in :func:`fit_to_length`), then the prompt loses from the left
+    what the longer of the two completions needs, so chosen and rejected keep exactly
+    the same prompt tokens."""
+    if example.chosen.prompt_ids != example.rejected.prompt_ids:
+        raise ValueError("the chosen and rejected sides of a pair have different prompts")
+    keep = max(1, max_length - 1)
+    chosen = example.chosen.completion_ids[:keep]
+    rejected = example.rejected.completion_ids[:keep]
+    room = max_length - max(len(chosen), len(rejected))
+    prompt = example.chosen.prompt_ids[-room:] if room > 0 else ()
+    return DPOExample(Turn(prompt, chosen), Turn(prompt, rejected))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """One training round, run in its own process: ``python -m retrain.worker RUN_ID SETTINGS_JSON``.
 
 Phases: snapshot the feedback (up to the newest event id), build the KTO and DPO
-rows (training split; the held-out split is kept for the gate), train from the
-active adapter, publish the candidate folder atomically, register it, evaluate
-candidate and active adapter on the same held-out rows and canaries, and promote or
-reject with reasons. Progress and metrics are written to the run's row as it goes,
+rows (training split; the held-out split, by prompt, is kept for the gate), train
+from the active adapter, publish the candidate folder atomically, register it,
+compare the candidate's sampled replies with the active version's on held-out
+prompts (:func:`retrain.evaluate.evaluate_behaviour`, the model loaded as served), and
+promote, hold or reject with reasons (:func:`retrain.evaluate.gate_decision`). A held
+candidate stays registered as a candidate (an operator may still promote it) and the
+run succeeds with decision "held"; a rejected one makes the run "rejected". Progress and metrics are written to the run's row as it goes,
 and a heartbeat thread keeps the row fresh so a dead worker is noticed.
 
 Any failure marks the run failed with its error; the serving process is untouched.
@@ -67,7 +70,8 @@ def _inject_fault() -> None:
 
 def run_round(run_id: int, settings: RetrainSettings) -> str:
     """Execute run ``run_id``; returns its final status."""
-    from .evaluate import DEFAULT_CANARY_PROMPTS, evaluate_adapter, gate_decision
+    from .budget import probe_prompts
+    from .evaluate import evaluate_behaviour, gate_decision
     from .train import train_round
 
     store = FeedbackStore.open(settings.database_url)
@@ -106,27 +110,34 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
         result = train_round(base_model=settings.model,
                              parent_adapter=Path(parent.path) if parent else None,
                              kto_rows=kto, dpo_rows=dpo, out_dir=tmp, config=train_cfg,
-                             progress=progress)
+                             progress=progress,
+                             probe_messages=probe_prompts(heldout_kto + heldout_dpo,
+                                                          train_cfg.kl_probe_prompts,
+                                                          train_cfg.seed))
         train_seconds = time.perf_counter() - t0
 
         reg.update_run(run_id, progress={"phase": "evaluating"})
-        common = dict(base_model=settings.model, heldout_kto=heldout_kto, heldout_dpo=heldout_dpo,
-                      canary_prompts=DEFAULT_CANARY_PROMPTS, beta=train_cfg.beta,
-                      device=settings.device)
-        cand_report = evaluate_adapter(adapter_path=tmp, **common)
-        active_report = evaluate_adapter(adapter_path=Path(parent.path) if parent else None,
-                                         **common)
-        promote, reasons = gate_decision(cand_report, active_report, gate_cfg)
+        report = evaluate_behaviour(
+            base_model=settings.model, candidate_path=tmp,
+            active_path=Path(parent.path) if parent else None,
+            active_label=parent.version if parent else "base",
+            train_kto=kto, train_dpo=dpo, heldout_kto=heldout_kto, heldout_dpo=heldout_dpo,
+            config=gate_cfg, beta=train_cfg.beta, device=settings.device,
+            quantize_4bit=settings.quantize_4bit, max_length=train_cfg.max_length)
+        decision, reasons = gate_decision(report, gate_cfg)
 
         manifest = {
             "parent_version": parent.version if parent else None,
+            # a fresh LoRA on all the feedback (start_from "base"), or the parent continued
+            "trained_from": (parent.version if parent and train_cfg.start_from == "parent"
+                             else "base"),
             "base_model": settings.model,
             "data_hash": data_hash(kto, dpo),
             "rows": {"kto": len(kto), "dpo": len(dpo)},
             "last_event_id": last_event,
             "train_metrics": result.metrics,
-            "eval": cand_report.to_dict(),
-            "eval_active": active_report.to_dict(),
+            "eval": report.to_dict(),
+            "gate": {"decision": decision, "reasons": reasons},
             "config": {k: v for k, v in vars(train_cfg).items()},
             "run_id": run_id,
         }
@@ -137,19 +148,20 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             except FileExistsError:
                 version = reg.next_version_name()
         metrics = {**{f"train/{k}": v for k, v in result.metrics.items()},
-                   **cand_report.to_dict(), "train_seconds": round(train_seconds, 2),
-                   "active/pair_accuracy": active_report.pair_accuracy,
-                   "active/kto_separation": active_report.kto_separation}
+                   **report.metrics(), "train_seconds": round(train_seconds, 2)}
         reg.register_version(version=version, path=str(adapters_dir / version),
                              parent_version=manifest["parent_version"], run_id=run_id,
                              data_hash=manifest["data_hash"], metrics=metrics)
-        if promote:
+        if decision == "promote":
             reg.activate(version, reasons=reasons)
-            status, decision = "succeeded", "promoted"
+            status, outcome = "succeeded", "promoted"
+        elif decision == "hold":
+            reg.set_status(version, "candidate", reasons=reasons)
+            status, outcome = "succeeded", "held"
         else:
             reg.set_status(version, "rejected", reasons=reasons)
-            status, decision = "rejected", "rejected"
-        reg.update_run(run_id, status=status, decision=decision, candidate_version=version,
+            status, outcome = "rejected", "rejected"
+        reg.update_run(run_id, status=status, decision=outcome, candidate_version=version,
                        reasons=reasons, metrics=metrics, progress={"phase": "done"})
         return status
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_app.settings import Settings, SettingsError, load_settings
+from chat_app.settings import Settings, SettingsError, load_settings, retrain_settings
 from feedback_store import FeedbackStore
 
 
@@ -48,6 +49,45 @@ def test_production_mode_needs_a_real_operator_password():
         load_settings(environ=env)
     ok = load_settings(environ={**env, "FEEDBACK_CHAT_OPERATOR_PASSWORD": "a-long-password!"})
     assert ok.public_dict()["operator_password"] == "***"
+
+
+def test_retrain_settings_come_from_the_settings_module(tmp_path):
+    from retrain import RetrainSettings
+
+    s = load_settings({"data_dir": str(tmp_path), "model": "/models/chat", "device": "cpu",
+                       "quantize_4bit": "off"}, environ={})
+    mapping = retrain_settings(s)
+    assert mapping == {
+        "database_url": s.resolved_database_url,
+        "adapters_dir": str(s.resolved_adapters_dir),
+        "model": "/models/chat",
+        "device": "cpu",
+        "quantize_4bit": False,
+    }
+    assert RetrainSettings.coerce(mapping).model == "/models/chat"
+    auto = retrain_settings(load_settings({"data_dir": str(tmp_path), "model": "m"}, environ={}))
+    assert auto["device"] is None and auto["quantize_4bit"] is None
+
+
+def test_only_the_entry_point_imports_the_cli_module():
+    # the server and the console take their settings helpers from chat_app.settings;
+    # chat_app.cli sits on top of them, not beside them
+    root = Path(__file__).resolve().parent.parent / "chat_app"
+    importers = []
+    for path in sorted(root.rglob("*.py")):
+        package = path.relative_to(root.parent).with_suffix("").parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = list(package[: len(package) - node.level + 1]) if node.level else []
+                target = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+                names = [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n == "chat_app.cli" or n.startswith("chat_app.cli.") for n in names):
+                importers.append(str(path.relative_to(root.parent)))
+    assert importers == ["chat_app/__main__.py"]
 
 
 def test_bad_settings_exit_2_with_all_problems(tmp_path):

@@ -30,7 +30,6 @@ from starlette.routing import Mount
 from tiny_models import make_tiny_model
 
 from chat_app.cli import main as cli_main
-from chat_app.cli import retrain_settings
 from chat_app.console import (
     CONSOLE_PATH,
     ConsoleContext,
@@ -45,6 +44,7 @@ from chat_app.console.context import context_from_services
 from chat_app.console.conversation import conversation_tree, render_conversation
 from chat_app.console.mount import PUBLIC_PATHS, PUBLIC_PREFIXES
 from chat_app.server import create_app
+from chat_app.settings import retrain_settings
 from feedback_store import FeedbackStore, RowFilter, build_dpo_rows, build_kto_rows
 from feedback_store.models import FeedbackEventRow, MessageRow
 from feedback_store.reports import feedback_facets, feedback_volume, thumbs_by_version
@@ -54,7 +54,8 @@ torch.set_num_threads(1)
 
 SMALL_TRAIN = {"kto_steps": 4, "dpo_steps": 4, "batch_size": 4, "learning_rate": 5e-3,
                "max_length": 128, "lora_r": 8, "log_every": 1}
-TINY_GATE = {"max_degenerate_share": 1.0, "max_degenerate_increase": 1.0, "max_canary_kl": 5.0}
+TINY_GATE = {"max_degenerate_share": 1.0, "max_degenerate_increase": 1.0, "max_canary_kl": 5.0,
+             "max_new_tokens": 24}
 OPERATOR = ("ops", "operator-secret-1")
 CHAT_USER = ("alice", "alice-secret")
 HOSTILE = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"> **b**'

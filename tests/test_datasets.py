@@ -19,6 +19,7 @@ from feedback_store import (
     build_kto_rows,
     split_of,
 )
+from feedback_store.datasets import normalise_prompt, prompt_key
 
 SYSTEM = "You are a terse assistant."
 GEN = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64, "seed": 3}
@@ -223,13 +224,17 @@ def test_filters_by_time_event_id_and_adapter_version(store: FeedbackStore) -> N
     assert second.id > first.id
 
 
-def test_held_out_split_is_by_conversation_deterministic_disjoint_and_complete(
+def test_held_out_split_is_by_normalised_prompt_deterministic_disjoint_and_complete(
     store: FeedbackStore,
 ) -> None:
+    # 20 questions, each asked in two conversations, the second time with other case,
+    # punctuation and spacing: both copies must land on the same side
     for i in range(40):
+        q = i // 2
+        text = f"Question {q}?" if i % 2 == 0 else f"  question   {q} !! "
         conv = store.create_conversation()
-        u = store.add_user_message(conversation_id=conv.id, content=f"question {i}")
-        r = store.add_reply(parent_id=u.id, content=f"answer {i}")
+        u = store.add_user_message(conversation_id=conv.id, content=text)
+        r = store.add_reply(parent_id=u.id, content=f"answer {q} from {i}")
         store.rate(reply_id=r.id, rating="up" if i % 3 else "down")
         if i % 2:
             r2 = store.add_reply(source_reply_id=r.id, content=f"another answer {i}")
@@ -241,17 +246,48 @@ def test_held_out_split_is_by_conversation_deterministic_disjoint_and_complete(
         held = build(store, RowFilter(split="eval", eval_fraction=0.3), with_ids=True)
         assert len(everything) == n_all
         assert train and held
-        train_convs = {r["conversation_id"] for r in train}
-        held_convs = {r["conversation_id"] for r in held}
-        assert not train_convs & held_convs
+        train_keys = {prompt_key(r["prompt"]) for r in train}
+        held_keys = {prompt_key(r["prompt"]) for r in held}
+        assert not train_keys & held_keys
+        assert all(split_of(r["prompt"], 0.3) == "eval" for r in held)
         assert sorted(map(repr, train + held)) == sorted(map(repr, everything))
-        assert all(split_of(c, 0.3) == "eval" for c in held_convs)
-        assert all(split_of(c, 0.3) == "train" for c in train_convs)
         assert build(store, RowFilter(split="eval", eval_fraction=0.3), with_ids=True) == held
-    # a conversation's side depends on its id only, and a larger fraction only adds to eval
-    assert [split_of(c, 0.3) for c in range(1, 200)] == [split_of(c, 0.3) for c in range(1, 200)]
-    assert all(split_of(c, 0.5) == "eval" for c in range(1, 200) if split_of(c, 0.3) == "eval")
-    assert {split_of(c, 0.0) for c in range(1, 200)} == {"train"}
+    # the same question asked in other words of case and punctuation shares its side
+    assert normalise_prompt("  What's the capital,  of FRANCE?! ") == "what s the capital of france"
+    for q in range(20):
+        assert split_of(f"Question {q}?", 0.3) == split_of(f"  question   {q} !! ", 0.3)
+        assert split_of([msg("system", "s"), msg("user", f"QUESTION {q}")], 0.3) == split_of(
+            f"question {q}", 0.3)
+    # a larger fraction only adds to eval; zero puts everything in train
+    texts = [f"prompt number {i}" for i in range(200)]
+    assert all(split_of(t, 0.5) == "eval" for t in texts if split_of(t, 0.3) == "eval")
+    assert {split_of(t, 0.0) for t in texts} == {"train"}
+
+
+def test_identical_held_out_rows_are_counted_once(store: FeedbackStore) -> None:
+    # the same question and reply rated in many conversations: training keeps every vote,
+    # the held-out split keeps one row per distinct (prompt, reply, label)
+    fraction = 0.5
+    held_q = next(f"held {i}" for i in range(100) if split_of(f"held {i}", fraction) == "eval")
+    train_q = next(f"train {i}" for i in range(100) if split_of(f"train {i}", fraction) == "train")
+    for question in (held_q, train_q):
+        for copy in range(3):
+            text = question.upper() + "?" * copy
+            rid = one_reply(store, text, "Same reply.")
+            store.rate(reply_id=rid, rating="up")
+            other = store.add_reply(source_reply_id=rid, content="Other reply")
+            store.choose(chosen_id=rid, rejected_id=other.id)
+        store.rate(reply_id=one_reply(store, question, "Same reply!"), rating="down")
+
+    def rows(build, split):  # type: ignore[no-untyped-def]
+        return build(store, RowFilter(split=split, eval_fraction=fraction))
+
+    held_kto, train_kto = rows(build_kto_rows, "eval"), rows(build_kto_rows, "train")
+    assert [(r["completion"][0]["content"], r["label"]) for r in held_kto] == [
+        ("Same reply.", True), ("Same reply!", False)]  # the two labels stay apart
+    assert len(train_kto) == 4
+    assert len(rows(build_dpo_rows, "eval")) == 1 and len(rows(build_dpo_rows, "train")) == 3
+    assert len(build_kto_rows(store)) == 8
 
 
 @pytest.mark.parametrize("flt", [

@@ -296,3 +296,60 @@ def test_a_failing_step_ends_its_reply_with_error_and_serving_goes_on(tmp_path: 
         good.result(timeout=60)
         assert good.finish_reason in ("stop", "length") and good.error is None
         assert eng.in_flight() == 0
+
+
+class _StopLoad(Exception):
+    pass
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, *, native_bf16: bool) -> None:
+    """Pretend a GPU is here: bf16 natively (compute capability 8.0 on), or only emulated."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+
+
+@pytest.mark.parametrize(
+    ("device", "native_bf16", "expected"),
+    [
+        ("cuda", True, torch.bfloat16),
+        ("cuda:0", False, torch.float16),
+        ("cpu", False, torch.float32),
+        ("cpu", True, torch.float32),
+    ],
+)
+def test_serving_and_training_load_the_base_in_the_same_dtype(
+    monkeypatch: pytest.MonkeyPatch, model_dir: Path, device: str, native_bf16: bool,
+    expected: torch.dtype,
+) -> None:
+    from chat_app.engine import loading
+    from retrain import modeling
+
+    _fake_cuda(monkeypatch, native_bf16=native_bf16)
+    assert loading.compute_dtype(device) == expected
+    assert modeling._compute_dtype(torch.device(device)) == expected
+
+    # and both loaders hand that dtype (and 4-bit compute dtype) to transformers
+    seen: list[dict] = []
+
+    def from_pretrained(source: str, **kwargs: object) -> None:
+        seen.append(kwargs)
+        raise _StopLoad
+
+    quantize = device.startswith("cuda")
+    for module in (loading, modeling):
+        monkeypatch.setattr(module.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelLoadError):
+        loading.load_model(EngineConfig(model=str(model_dir), device=device,
+                                        quantize_4bit=quantize))
+    with pytest.raises(_StopLoad):
+        modeling.load_base_model(model_dir, device=torch.device(device), quantize_4bit=quantize)
+    assert [kw["dtype"] for kw in seen] == [expected, expected]
+    if quantize:
+        assert [kw["quantization_config"].bnb_4bit_compute_dtype for kw in seen] == [
+            expected, expected,
+        ]

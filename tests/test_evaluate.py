@@ -1,9 +1,11 @@
-"""The evaluation metrics on a real tiny model, the degenerate-reply detector, the gate."""
+"""The evaluation metrics on a real tiny model, the degenerate-reply detector, the
+feedback-trained scorer, the behavioural comparison and the three-way gate."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,14 +17,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from retrain.evaluate import (
     DEFAULT_CANARY_PROMPTS,
-    EvalReport,
+    BehaviourReport,
     GateConfig,
     evaluate_adapter,
+    evaluate_behaviour,
     gate_decision,
     is_degenerate,
     repeated_ngram_fraction,
 )
 from retrain.modeling import InvalidRowError
+from retrain.reward_model import ScorerAccuracy, train_reward_model
 
 torch.set_num_threads(1)
 
@@ -42,15 +46,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
 
 
-def _save_adapter(tiny: Path, out: Path, *, random_b: bool) -> Path:
-    """A LoRA adapter saved without training: random B moves the model, zero B does not."""
+def _save_adapter(tiny: Path, out: Path, *, random_b: bool, scale: float = 0.2,
+                  targets: str | list[str] = "all-linear") -> Path:
+    """A LoRA adapter saved without training: random B (std ``scale``) moves the model,
+    zero B does not."""
     torch.manual_seed(1)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny),
         LoraConfig(
             r=4,
             lora_alpha=8,
-            target_modules="all-linear",
+            target_modules=targets,
             init_lora_weights=not random_b,
             task_type="CAUSAL_LM",
         ),
@@ -59,7 +65,7 @@ def _save_adapter(tiny: Path, out: Path, *, random_b: bool) -> Path:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
-                    p.normal_(0.0, 0.2)
+                    p.normal_(0.0, scale)
     model.save_pretrained(out)
     return out
 
@@ -205,70 +211,215 @@ def test_repeated_ngram_fraction_counts_repeats():
     assert repeated_ngram_fraction(["a", "b"], 3) == 0.0
 
 
-def _report(**kwargs) -> EvalReport:
+# -- the feedback-trained scorer --------------------------------------------------------
+
+WORDS = ["the", "a", "is", "of", "and", "it", "this", "that", "for", "on", "with", "so"]
+
+
+def _rule_rows(topics: list[str], rng: random.Random, *, random_labels: bool = False
+               ) -> tuple[list[dict], list[dict]]:
+    """Thumbs and pairs where polite replies are liked and curt ones are not (or, with
+    ``random_labels``, labels and preferences drawn by coin flip)."""
+
+    def reply(polite: bool, topic: str) -> str:
+        body = " ".join(rng.sample(WORDS, 5)) + f" {topic}"
+        return f"Thank you for asking! {body}. I hope this helps." if polite else (
+            f"{body}. whatever.")
+
+    kto, dpo = [], []
+    for topic in topics:
+        prompt = [{"role": "user", "content": f"Tell me about {topic}?"}]
+        for polite in (True, False):
+            label = rng.random() < 0.5 if random_labels else polite
+            kto.append({"prompt": prompt, "label": label,
+                        "completion": [{"role": "assistant", "content": reply(polite, topic)}]})
+        chosen, rejected = reply(True, topic), reply(False, topic)
+        if random_labels and rng.random() < 0.5:
+            chosen, rejected = rejected, chosen
+        dpo.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]})
+    return kto, dpo
+
+
+TOPICS = [f"subject{i} item{i % 7}" for i in range(160)]
+
+
+def test_reward_model_learns_a_rule_and_predicts_held_out_prompts():
+    rng = random.Random(0)
+    train_kto, train_dpo = _rule_rows(TOPICS[:120], rng)
+    held_kto, held_dpo = _rule_rows(TOPICS[120:], rng)
+    model = train_reward_model(train_kto, train_dpo)
+    acc = model.accuracy(held_kto, held_dpo)
+    assert acc.accuracy > 0.95 and acc.thumb_accuracy > 0.95 and acc.pair_accuracy > 0.95
+    assert (acc.n_thumbs, acc.n_pairs) == (80, 40)
+    prompt = "Tell me about clouds?"
+    assert model.score(prompt, "Thank you for asking! It is rain. I hope this helps.") > 0.7
+    assert model.score(prompt, "rain. whatever.") < 0.3
+
+
+def test_reward_model_on_random_labels_is_near_chance():
+    rng = random.Random(1)
+    train_kto, train_dpo = _rule_rows(TOPICS[:120], rng, random_labels=True)
+    held_kto, held_dpo = _rule_rows(TOPICS[120:], rng, random_labels=True)
+    acc = train_reward_model(train_kto, train_dpo).accuracy(held_kto, held_dpo)
+    assert 0.3 < acc.accuracy < 0.6
+
+
+def test_thumb_accuracy_is_balanced_so_a_label_prior_earns_nothing():
+    rng = random.Random(2)
+    train_kto, _ = _rule_rows(TOPICS[:60], rng)
+    train_kto = [r for r in train_kto if r["label"]] + [r for r in train_kto if not r["label"]][:5]
+    model = train_reward_model(train_kto, [])
+    everything_up = ScorerAccuracy(0.5, 0.5, None, 1, 0)
+    assert model.accuracy([], []) == ScorerAccuracy(None, None, None, 0, 0)
+    held_kto, _ = _rule_rows(TOPICS[60:80], rng)
+    assert model.accuracy(held_kto, []).thumb_accuracy > everything_up.thumb_accuracy
+
+
+# -- behaviour on sampled replies -------------------------------------------------------
+
+# Random weights answer with noise, degenerate or not, so only the rise is limited here.
+SMALL_GATE = GateConfig(min_heldout_rows=10, min_heldout_prompts=4, max_prompts=6,
+                        samples_per_prompt=3, max_new_tokens=10, max_degenerate_share=1.0)
+
+
+@pytest.fixture(scope="module")
+def rule_rows() -> dict[str, list[dict]]:
+    rng = random.Random(3)
+    train_kto, train_dpo = _rule_rows(TOPICS[:60], rng)
+    held_kto, held_dpo = _rule_rows(TOPICS[60:70], rng)
+    return {"train_kto": train_kto, "train_dpo": train_dpo, "heldout_kto": held_kto,
+            "heldout_dpo": held_dpo}
+
+
+def _behaviour(tiny: Path, candidate: Path, active: Path | None, rows: dict,
+               config: GateConfig = SMALL_GATE) -> BehaviourReport:
+    return evaluate_behaviour(base_model=str(tiny), candidate_path=candidate, active_path=active,
+                              config=config, canary_prompts=DEFAULT_CANARY_PROMPTS[:2],
+                              device="cpu", **rows)
+
+
+def test_a_no_op_adapter_is_held_not_promoted(tiny: Path, tmp_path: Path, rule_rows: dict):
+    report = _behaviour(tiny, _save_adapter(tiny, tmp_path / "zero", random_b=False), None,
+                        rule_rows)
+    assert report.kl == pytest.approx(0.0, abs=1e-6)
+    assert report.score_diff == pytest.approx(0.0, abs=1e-9)  # the very same replies
+    assert report.scorer.accuracy > 0.9 and report.n_heldout_rows == 30
+    assert (report.n_heldout_prompts, report.n_prompts, report.samples_per_prompt) == (10, 6, 3)
+    decision, reasons = gate_decision(report, SMALL_GATE)
+    assert decision == "hold", reasons
+    assert reasons == [r for r in reasons if r.startswith("hold: candidate replies scored")]
+    assert "no evidence of improvement" in reasons[0] and "6 held-out prompts × 3" in reasons[0]
+    json.dumps(report.to_dict())
+    json.dumps(report.metrics())
+
+
+def test_the_same_adapter_as_active_is_held(tiny: Path, tmp_path: Path, rule_rows: dict):
+    moved = _save_adapter(tiny, tmp_path / "moved", random_b=True, scale=0.05)
+    report = _behaviour(tiny, moved, moved, rule_rows)
+    assert report.kl == pytest.approx(report.active_kl) and report.kl > 0
+    assert report.score_diff == 0.0 and report.score_lower_bound == 0.0
+    assert report.implicit["pair_accuracy"] == report.implicit["active/pair_accuracy"]
+    assert gate_decision(report, replace(SMALL_GATE, max_kl=10.0))[0] == "hold"
+
+
+def test_a_collapsed_adapter_is_rejected_for_its_kl(tiny: Path, tmp_path: Path,
+                                                    rule_rows: dict):
+    # a random-weight model's logits are nearly flat whatever its hidden states (its output
+    # layer is tiny), so the wreck goes through a LoRA on the output layer itself
+    wrecked = _save_adapter(tiny, tmp_path / "wrecked", random_b=True, scale=3.0,
+                            targets=["q_proj", "v_proj", "down_proj", "lm_head"])
+    report = _behaviour(tiny, wrecked, None, rule_rows)
+    decision, reasons = gate_decision(report, SMALL_GATE)
+    assert decision == "reject", reasons
+    assert report.kl > 1.0
+    assert any(r.startswith("reject: KL") and "exceeds 0.30" in r for r in reasons)
+
+
+def test_random_feedback_gives_a_hold_for_inconsistent_ratings(tiny: Path, tmp_path: Path):
+    rng = random.Random(4)
+    train_kto, train_dpo = _rule_rows(TOPICS[:60], rng, random_labels=True)
+    held_kto, held_dpo = _rule_rows(TOPICS[60:90], rng, random_labels=True)
+    rows = {"train_kto": train_kto, "train_dpo": train_dpo, "heldout_kto": held_kto,
+            "heldout_dpo": held_dpo}
+    report = _behaviour(tiny, _save_adapter(tiny, tmp_path / "zero", random_b=False), None, rows)
+    decision, reasons = gate_decision(report, SMALL_GATE)
+    assert decision == "hold"
+    assert report.scorer.accuracy < 0.6
+    assert any("does not predict itself" in r for r in reasons), reasons
+
+
+# -- the decision rule on reports -------------------------------------------------------
+
+
+def _report(**kwargs) -> BehaviourReport:
     fields = dict(
-        pair_accuracy=0.8,
-        pair_margin=0.5,
-        kto_separation=0.4,
-        canary_kl=0.05,
-        degenerate_share=0.0,
-        n_pairs=10,
-        n_thumbs=10,
-        n_canary=6,
+        active_label="v0002", n_heldout_thumbs=30, n_heldout_pairs=12, n_heldout_prompts=20,
+        n_prompts=20, samples_per_prompt=4, n_canary=6,
+        scorer=ScorerAccuracy(0.8, 0.75, 0.9, 30, 12), n_train_rows=200,
+        candidate_score=0.61, active_score=0.52, score_diff=0.09, score_lower_bound=0.04,
+        confidence_z=1.96, kl=0.12, active_kl=0.05, degenerate_share=0.0,
+        active_degenerate_share=0.0, implicit={"pair_accuracy": 0.8},
     )
-    return EvalReport(**(fields | kwargs))
+    return BehaviourReport(**(fields | kwargs))
 
 
-def test_gate_promotes_a_candidate_that_is_no_worse():
-    promote, reasons = gate_decision(_report(pair_accuracy=0.9), _report())
-    assert promote
-    assert len(reasons) == 1 and reasons[0].startswith("promote")
-    assert "0.900" in reasons[0] and "0.800" in reasons[0]
+def test_gate_promotes_on_evidence_of_improvement_and_says_what_it_saw():
+    decision, reasons = gate_decision(_report())
+    assert decision == "promote"
+    assert reasons == [
+        "promote: candidate replies scored 0.610 vs v0002 0.520 by the feedback-trained scorer "
+        "(difference +0.090, 95% lower bound +0.040 > 0) on 20 held-out prompts × 4 samples; "
+        "KL 0.120 ≤ 0.30 nats/token; degenerate 0% (v0002 0%); scorer accuracy 80% on 42 "
+        "held-out rows"]
 
 
-def test_gate_rejects_an_accuracy_drop_with_the_reason():
-    promote, reasons = gate_decision(_report(pair_accuracy=0.7), _report())
-    assert not promote
-    assert reasons == ["pair accuracy fell from 0.800 to 0.700 (allowed drop 0.000)"]
+def test_gate_holds_when_the_lower_bound_is_not_above_zero():
+    decision, reasons = gate_decision(_report(candidate_score=0.512, active_score=0.508,
+                                              score_diff=0.004, score_lower_bound=-0.03))
+    assert decision == "hold"
+    assert reasons == [
+        "hold: candidate replies scored 0.512 vs v0002 0.508 by the feedback-trained scorer "
+        "(difference +0.004, 95% lower bound -0.030 ≤ 0) on 20 held-out prompts × 4 samples: "
+        "no evidence of improvement"]
 
 
-def test_gate_allows_a_drop_within_the_configured_margin():
-    config = GateConfig(max_accuracy_drop=0.15)
-    assert gate_decision(_report(pair_accuracy=0.7), _report(), config)[0]
+def test_gate_holds_without_enough_held_out_evidence_and_gives_the_counts():
+    decision, reasons = gate_decision(_report(n_heldout_thumbs=4, n_heldout_pairs=2,
+                                              n_heldout_prompts=3))
+    assert decision == "hold"
+    assert reasons[0] == ("hold: not enough evidence: 6 held-out rows (4 thumbs, 2 pairs) on "
+                          "3 distinct prompts; the gate needs at least 20 rows on 8 prompts")
 
 
-def test_gate_lists_every_failed_check():
-    candidate = _report(kto_separation=0.1, pair_margin=0.2, canary_kl=0.9, degenerate_share=0.5)
-    promote, reasons = gate_decision(candidate, _report())
-    assert not promote
-    text = "\n".join(reasons)
-    assert len(reasons) == 5
-    for words in (
-        "canary KL 0.900",
-        "degenerate canary replies 0.50 exceed",
-        "KTO separation",
-        "pair reward margin",
-        "rose from 0.00 to 0.50",
-    ):
-        assert words in text
+def test_gate_holds_when_the_scorer_does_not_predict_held_out_feedback():
+    decision, reasons = gate_decision(_report(scorer=ScorerAccuracy(0.55, 0.5, 0.6, 30, 12)))
+    assert decision == "hold" and len(reasons) == 1
+    assert "does not predict itself" in reasons[0] and "55% of 42 held-out rows" in reasons[0]
+    assert gate_decision(_report(scorer=ScorerAccuracy(None, None, None, 0, 0)))[0] == "hold"
 
 
-def test_gate_without_an_active_adapter_applies_absolute_limits_only():
-    assert gate_decision(_report(pair_accuracy=0.1), None)[0]
-    promote, reasons = gate_decision(_report(canary_kl=2.0), None)
-    assert not promote and "canary KL" in reasons[0]
+def test_gate_rejects_collapse_whatever_the_evidence_and_lists_every_reason():
+    decision, reasons = gate_decision(_report(kl=3.1, degenerate_share=0.5, n_heldout_thumbs=1))
+    assert decision == "reject"
+    assert reasons[0] == "reject: KL 3.1 nats/token from the base on sampled replies exceeds 0.30"
+    assert len(reasons) == 3 and all(r.startswith("reject: ") for r in reasons)
+    assert "rose from 0% (v0002) to 50%" in reasons[2]
 
 
-def test_gate_skips_comparisons_when_a_report_lacks_the_metric():
-    candidate = _report(pair_accuracy=None, pair_margin=None, n_pairs=0)
-    assert gate_decision(candidate, _report())[0]
-    assert gate_decision(_report(pair_accuracy=0.1), replace(_report(), pair_accuracy=None))[0]
+def test_gate_allows_a_small_rise_in_degenerate_replies():
+    assert gate_decision(_report(degenerate_share=0.04))[0] == "promote"
+    assert gate_decision(_report(degenerate_share=0.1))[0] == "reject"
 
 
-def test_gate_rejects_non_finite_metrics_and_bad_limits():
-    promote, reasons = gate_decision(_report(pair_margin=math.nan), _report())
-    assert not promote and "pair_margin" in reasons[0]
-    with pytest.raises(ValueError, match="max_canary_kl.*max_degenerate_share"):
-        gate_decision(
-            _report(), None, GateConfig(max_canary_kl=-1.0, max_degenerate_share=math.inf)
-        )
+def test_gate_kl_limit_reads_the_older_setting_name_too():
+    assert gate_decision(_report(kl=0.4))[0] == "reject"
+    assert gate_decision(_report(kl=0.4), GateConfig(max_kl=0.5))[0] == "promote"
+    assert gate_decision(_report(kl=0.4), GateConfig(max_canary_kl=5.0))[0] == "promote"
+
+
+def test_gate_rejects_non_finite_measurements_and_bad_settings():
+    decision, reasons = gate_decision(_report(kl=math.nan))
+    assert decision == "reject" and "KL is not a finite number" in reasons[0]
+    with pytest.raises(ValueError, match="min_scorer_accuracy.*max_kl.*samples_per_prompt"):
+        GateConfig(max_kl=-1.0, min_scorer_accuracy=1.5, samples_per_prompt=0).validate()

@@ -18,7 +18,8 @@ from retrain import RetrainSettings, start_round
 
 SMALL_TRAIN = {"kto_steps": 4, "dpo_steps": 4, "batch_size": 4, "learning_rate": 5e-3,
                "max_length": 128, "lora_r": 8, "log_every": 1}
-TINY_GATE = {"max_degenerate_share": 1.0, "max_degenerate_increase": 1.0, "max_canary_kl": 5.0}
+TINY_GATE = {"max_degenerate_share": 1.0, "max_degenerate_increase": 1.0, "max_canary_kl": 5.0,
+             "max_new_tokens": 24}
 
 
 class Load:
@@ -86,6 +87,8 @@ def test_round_promotes_and_server_swaps_under_load_without_a_failed_request(mod
         with Load(srv.url) as load:
             run = start_round(settings=settings, trigger="test")
             assert run.status == "succeeded", run.error or run.reasons
+            if run.decision != "promoted":  # a random-weight model earns no promotion:
+                store.registry.activate(run.candidate_version)  # the operator promotes it
             wait_for(lambda: engine.active_version == "v0001")
             swap = srv.services.watcher.events[-1]
             time.sleep(1.5)  # keep the load going on the new version

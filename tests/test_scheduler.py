@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from feedback_data import seed_preferences
@@ -82,3 +86,59 @@ def test_pause_resume_and_changes_are_shared_through_the_store(setup):
         sched.update(interval_minutes=0)
     with pytest.raises(InvalidInput):
         sched.update(min_feedback=-1)
+
+
+_NO_APSCHEDULER = textwrap.dedent("""
+    import sys
+
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "apscheduler" or name.startswith("apscheduler."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    for mod in [m for m in sys.modules if m == "apscheduler" or m.startswith("apscheduler.")]:
+        del sys.modules[mod]
+    sys.meta_path.insert(0, _Block())
+    try:
+        import apscheduler  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("the block did not work")
+
+    import runpy
+    import retrain.worker  # noqa: F401
+    from retrain import RetrainSettings, start_round  # noqa: F401
+    runpy.run_module("retrain.worker", run_name="not_main")
+    assert "apscheduler" not in sys.modules
+    try:
+        from retrain import start_scheduler  # noqa: F401
+    except ModuleNotFoundError as exc:
+        assert exc.name.startswith("apscheduler"), exc
+    else:
+        raise SystemExit("start_scheduler imported without apscheduler")
+    print("ok")
+""")
+
+
+def test_retrain_and_its_worker_import_without_apscheduler():
+    # A trainer-only install (store + ML extras) has no APScheduler: the worker and
+    # start_round must still import; only the schedule itself needs it.
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _NO_APSCHEDULER], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_the_schedule_is_still_exported_lazily():
+    import retrain
+    from retrain.scheduler import RetrainScheduler as direct
+    from retrain.scheduler import start_scheduler
+
+    assert retrain.RetrainScheduler is direct and RetrainScheduler is direct
+    assert retrain.start_scheduler is start_scheduler
+    assert {"RetrainScheduler", "start_scheduler"} <= set(retrain.__all__)
+    with pytest.raises(AttributeError):
+        retrain.no_such_name  # noqa: B018

@@ -22,7 +22,14 @@ from transformers import AutoModelForCausalLM
 from retrain import modeling
 from retrain.evaluate import evaluate_adapter
 from retrain.losses import sequence_logps
-from retrain.train import RoundResult, TrainConfig, phase_steps, run_round, train_round
+from retrain.train import (
+    RoundResult,
+    TrainConfig,
+    _batches,
+    phase_steps,
+    run_round,
+    train_round,
+)
 
 torch.set_num_threads(1)
 
@@ -224,7 +231,7 @@ def test_round_starts_from_the_parent_adapter_and_keeps_its_shape(tiny: Path, tm
         child,
         parent_adapter=parent,
         dpo_rows=rows,
-        config=TrainConfig(learning_rate=1e-3, dpo_steps=3, lora_r=16),
+        config=TrainConfig(learning_rate=1e-3, dpo_steps=3, lora_r=16, start_from="parent"),
     )
 
     first = result.history[0]
@@ -335,6 +342,24 @@ def test_phase_steps_stop_after_the_configured_epochs():
     assert phase_steps(0, config, 50) == 0
 
 
+def test_batches_never_repeat_a_row_and_every_epoch_is_a_permutation():
+    for n_rows in range(1, 13):
+        for batch_size in range(1, 9):
+            size = min(batch_size, n_rows)
+            stream = _batches(n_rows, batch_size, torch.Generator().manual_seed(n_rows))
+            batches = [next(stream) for _ in range(6 * n_rows)]
+            assert all(len(b) == size and len(set(b)) == size for b in batches), (
+                n_rows, batch_size, batches)
+            flat = [i for b in batches for i in b]
+            epochs = [flat[k : k + n_rows] for k in range(0, len(flat) - n_rows + 1, n_rows)]
+            assert all(sorted(e) == list(range(n_rows)) for e in epochs)
+    first = _batches(10, 4, torch.Generator().manual_seed(3))
+    again = _batches(10, 4, torch.Generator().manual_seed(3))
+    other = _batches(10, 4, torch.Generator().manual_seed(4))
+    taken = [[next(it) for _ in range(20)] for it in (first, again, other)]
+    assert taken[0] == taken[1] != taken[2]
+
+
 def test_empty_round_and_zero_steps_raise_value_error(tiny: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="at least one"):
         _round(tiny, tmp_path / "x")
@@ -367,6 +392,16 @@ def test_config_validate_lists_every_problem():
     ):
         assert name in message
     TrainConfig().validate()
+
+
+def test_dpo_loss_types_are_defined_once_in_losses():
+    from retrain import losses, train
+
+    assert train.DPO_LOSS_TYPES is losses.DPO_LOSS_TYPES
+    root = Path(train.__file__).parent
+    defining = [p.name for p in sorted(root.glob("*.py"))
+                if "\nDPO_LOSS_TYPES =" in p.read_text()]
+    assert defining == ["losses.py"]
 
 
 @pytest.mark.parametrize(
@@ -425,6 +460,55 @@ def test_completion_tokens_end_with_end_of_turn_and_long_prompts_lose_their_star
     assert ids[: 32 - len(completion)] == list(example.turn.prompt_ids)[-(32 - len(completion)) :]
     labelled = batch.labels[0][batch.labels[0] != -100].tolist()
     assert labelled == completion
+
+
+def test_a_truncated_pair_keeps_one_prompt_for_chosen_and_rejected(tiny: Path):
+    tokenizer = modeling.load_tokenizer(tiny)
+    long_prompt = [{"role": "user", "content": "Tell me about cats. " * 40}]
+    row = {"prompt": long_prompt, "chosen": reply("Cats sleep."),
+           "rejected": reply("No. Cats are boring, go away, I will not talk about them.")}
+    [whole] = modeling.encode_dpo_rows(tokenizer, [row])
+    short, long = len(whole.chosen.completion_ids), len(whole.rejected.completion_ids)
+    assert short < long
+    max_length = 40
+    [pair] = modeling.encode_dpo_rows(tokenizer, [row], max_length=max_length)
+    # the prompt loses from the left what the longer (rejected) side needs; both keep it
+    assert pair.chosen.prompt_ids == pair.rejected.prompt_ids
+    assert pair.chosen.prompt_ids == whole.chosen.prompt_ids[-(max_length - long) :]
+    assert pair.chosen.completion_ids == whole.chosen.completion_ids
+    assert pair.rejected.completion_ids == whole.rejected.completion_ids
+
+    # what the trainer feeds the model: one batch, chosen rows then rejected rows
+    batch = modeling.collate(
+        [(t.prompt_ids, t.completion_ids) for t in (pair.chosen, pair.rejected)],
+        pad_id=0, max_length=max_length, device=torch.device("cpu"),
+    )
+    n_prompt = max_length - long
+    ids, labels = batch.input_ids.tolist(), batch.labels.tolist()
+    assert ids[0][:n_prompt] == ids[1][:n_prompt] == list(pair.chosen.prompt_ids)
+    assert labels[0][:n_prompt] == labels[1][:n_prompt] == [-100] * n_prompt
+    assert [t for t in labels[0] if t != -100] == list(whole.chosen.completion_ids)
+    assert [t for t in labels[1] if t != -100] == list(whole.rejected.completion_ids)
+    assert batch.attention_mask.sum(1).tolist() == [n_prompt + short, max_length]
+
+
+def test_fit_pair_cuts_completions_from_the_right_only_when_they_alone_do_not_fit():
+    prompt = tuple(range(100, 110))
+    pair = modeling.DPOExample(modeling.Turn(prompt, (1, 2)), modeling.Turn(prompt, (3,) * 9))
+    fitted = modeling.fit_pair(pair, 12)
+    assert fitted.chosen.prompt_ids == fitted.rejected.prompt_ids == prompt[-3:]
+    assert fitted.chosen.completion_ids == (1, 2)
+    assert fitted.rejected.completion_ids == (3,) * 9
+    # a completion longer than max_length keeps max_length - 1 tokens and one prompt token
+    fitted = modeling.fit_pair(pair, 5)
+    assert fitted.chosen.prompt_ids == fitted.rejected.prompt_ids == prompt[-1:]
+    assert fitted.chosen.completion_ids == (1, 2)
+    assert fitted.rejected.completion_ids == (3,) * 4
+    # a pair that fits is unchanged
+    assert modeling.fit_pair(pair, 64) == pair
+    with pytest.raises(ValueError, match="different prompts"):
+        modeling.fit_pair(modeling.DPOExample(modeling.Turn((1,), (2,)),
+                                              modeling.Turn((9,), (2,))), 8)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,8 @@ from typing import Any
 
 from feedback_store import FeedbackStore
 
+from ..settings import retrain_settings as settings_for_retrain
+
 DEFAULT_PAGE_SIZE = 50
 
 
@@ -72,10 +74,9 @@ def context_from_services(
     """
     settings = services.settings
     if retrain_settings is None:
-        from ..cli import retrain_settings
 
         def provider() -> dict[str, Any]:
-            return retrain_settings(settings)
+            return settings_for_retrain(settings)
     elif callable(retrain_settings):
         provider = retrain_settings
     else:

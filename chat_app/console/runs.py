@@ -25,12 +25,26 @@ from .plots import curves_frame
 
 FINAL = ("succeeded", "failed", "rejected")
 # Gate metrics of the candidate, and the key of the active adapter's value where kept.
-GATE_METRICS = [("pair_accuracy", "active/pair_accuracy"), ("pair_margin", None),
+# The implicit-reward figures (pair_*, kto_separation) are for information; the gate
+# decides on the scorer's verdict on sampled replies (score*), KL and degenerate share.
+# Keys of older runs (canary_kl, n_pairs, n_thumbs) show when a run has them.
+GATE_METRICS = [("pair_accuracy", "active/pair_accuracy"), ("pair_margin", "active/pair_margin"),
+                ("score", "active/score"), ("score_diff", None), ("score_lower_bound", None),
+                ("scorer_accuracy", None), ("scorer_thumb_accuracy", None),
+                ("scorer_pair_accuracy", None), ("kl", "active/kl"),
+                ("degenerate_share", "active/degenerate_share"),
                 ("kto_separation", "active/kto_separation"), ("canary_kl", None),
-                ("degenerate_share", None), ("n_pairs", None), ("n_thumbs", None),
-                ("heldout_kto_rows", None), ("heldout_dpo_rows", None), ("train_seconds", None)]
+                ("heldout_thumbs", None), ("heldout_pairs", None), ("heldout_prompts", None),
+                ("sampled_prompts", None), ("samples_per_prompt", None), ("n_pairs", None),
+                ("n_thumbs", None), ("heldout_kto_rows", None), ("heldout_dpo_rows", None),
+                ("train_seconds", None)]
 VERSION_HEADERS = ["version", "status", "parent", "run", "created (UTC)", "data rows",
-                   "pair accuracy", "KTO separation", "canary KL", "reasons"]
+                   "pair accuracy", "score (active)", "KL", "reasons"]
+DECISION_NOTES = {
+    "promoted": "now serving",
+    "held": "kept as a candidate: no evidence of improvement yet; an operator may promote it",
+    "rejected": "not served",
+}
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~])")
 
 
@@ -123,7 +137,9 @@ def run_view(ctx: ConsoleContext, run_id: int | None) -> RunView:
              f"**Training rows:** {r.kto_rows} KTO, {r.dpo_rows} DPO"
              + (f" (feedback up to event #{r.last_event_id})" if r.last_event_id else "")]
     if r.decision or r.candidate_version:
+        note = DECISION_NOTES.get(r.decision or "")
         lines.append(f"**Gate decision:** {md(r.decision or 'pending')}"
+                     + (f" ({md(note)})" if note else "")
                      + (f" · candidate **{md(r.candidate_version)}**" if r.candidate_version
                         else ""))
     if r.reasons:
@@ -149,8 +165,15 @@ def _version_row(s: VersionSummary) -> list[str]:
     status = "★ active" if v.status == "active" else v.status
     return [v.version, status, v.parent_version or "base", str(v.run_id or "-"),
             _when(v.created_at), "-" if rows is None else str(rows),
-            _num(v.metrics.get("pair_accuracy")), _num(v.metrics.get("kto_separation")),
-            _num(v.metrics.get("canary_kl")), "; ".join(v.reasons)]
+            _num(v.metrics.get("pair_accuracy")), _score(v.metrics),
+            _num(v.metrics.get("kl", v.metrics.get("canary_kl"))), "; ".join(v.reasons)]
+
+
+def _score(metrics: dict[str, Any]) -> str:
+    score = metrics.get("score")
+    if score is None:
+        return "-"
+    return f"{_num(score)} ({_num(metrics.get('active/score'))})"
 
 
 def versions_table(ctx: ConsoleContext) -> tuple[list[list[str]], list[str], str]:

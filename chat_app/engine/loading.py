@@ -1,8 +1,9 @@
 """Load a causal LM and its tokenizer for serving, with one-line errors for what cannot work.
 
 On CUDA the weights load in 4-bit NF4 through bitsandbytes (double quantisation, bfloat16
-compute) unless asked otherwise; on the CPU they load unquantised in float32, because the
-bitsandbytes CPU path repacks 4-bit weights in a way that breaks later adapter loads.
+compute, float16 on GPUs without native bfloat16) unless asked otherwise; on the CPU they
+load unquantised in float32, because the bitsandbytes CPU path repacks 4-bit weights in a
+way that breaks later adapter loads.
 """
 
 from __future__ import annotations
@@ -51,15 +52,26 @@ def resolve_device(config: EngineConfig) -> tuple[str, bool]:
     return device, quantize
 
 
+def compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype of the weights (and the 4-bit compute dtype) on ``device``: float32 off
+    CUDA; on CUDA bfloat16 where the GPU has it natively (compute capability 8.0 on),
+    else float16. Training uses the same rule (``retrain.modeling``), so an adapter is
+    served on a base in the precision it was trained against."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
+    if kind != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     """Load ``config.model`` (hub id or local folder) for serving; raise ``ModelLoadError``."""
     device, quantize = resolve_device(config)
     source = _check_source(config.model)
     tokenizer = _load_tokenizer(source)
-    kwargs: dict[str, Any] = {}
+    dtype = compute_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if device.startswith("cuda"):
         kwargs["device_map"] = {"": device}
-        kwargs["dtype"] = torch.bfloat16
         if quantize:
             from transformers import BitsAndBytesConfig
 
@@ -67,10 +79,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_compute_dtype=dtype,
             )
     else:
-        kwargs["dtype"] = torch.float32
         log.info("loading %s on the CPU unquantised (float32); 4-bit NF4 needs CUDA", source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

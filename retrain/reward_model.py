@@ -1,0 +1,214 @@
+"""A small reward model learned from the feedback itself, to score generated replies.
+
+Features of a (prompt, reply) pair, hashed into ``DIMENSIONS`` buckets (each present
+feature counts 1, the vector is scaled to unit length):
+
+- the reply's word unigrams and bigrams (lower-cased words and punctuation marks);
+- its length in words, bucketed (0, 1-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128+);
+- how many ``!`` and ``?`` it has and how many list lines (``-``, ``*``, ``1.``), bucketed;
+- the share of the prompt's words (last user message) that the reply repeats, bucketed.
+
+The score is linear, ``s(x, y) = w . phi(x, y)``, and one set of weights serves both
+kinds of feedback:
+
+- thumbs (KTO rows): ``P(up | x, y) = sigmoid(s(x, y) + b)``, a logistic regression
+  whose two classes are weighted equally (so the bias learns no label prior);
+- pairs (DPO rows): ``P(chosen > rejected) = sigmoid(s(x, y_c) - s(x, y_r))``,
+  Bradley-Terry.
+
+The loss is the mean of both negative log-likelihoods (each kind weighted by its row
+count) plus ``l2 * |w|^2``, minimised by full-batch Adam; a few thousand rows train in
+about a second on one CPU thread.
+
+Held-out accuracy: for thumbs the balanced accuracy of ``P(up) > 0.5`` (the mean of the
+recall of each label, so always answering "up" scores 0.5); for pairs the share where
+the chosen reply scores higher (a tie counts one half). The overall accuracy is their
+mean weighted by row counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+DIMENSIONS = 2**16
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_WORD = re.compile(r"\w+")
+_LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+", re.MULTILINE)
+
+
+def _bucket(n: float, edges: Sequence[float]) -> int:
+    """Index of the first edge ``n`` is below (``len(edges)`` when none)."""
+    return next((i for i, edge in enumerate(edges) if n < edge), len(edges))
+
+
+def _hash(feature: str) -> int:
+    return int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big") % (
+        DIMENSIONS
+    )
+
+
+def features(prompt: str, reply: str) -> list[int]:
+    """The hashed feature indices of ``reply`` answering ``prompt`` (see module doc)."""
+    tokens = _TOKEN.findall(reply.lower())
+    words = _WORD.findall(reply.lower())
+    names = [f"u:{t}" for t in tokens]
+    names += [f"b:{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)]
+    names.append(f"len:{_bucket(len(words), (1, 4, 8, 16, 32, 64, 128))}")
+    names.append(f"excl:{_bucket(reply.count('!'), (1, 2, 4))}")
+    names.append(f"ques:{_bucket(reply.count('?'), (1, 2, 4))}")
+    names.append(f"list:{_bucket(len(_LIST_LINE.findall(reply)), (1, 3, 6))}")
+    asked = set(_WORD.findall(prompt.lower()))
+    if asked:
+        overlap = len(asked & set(words)) / len(asked)
+        names.append(f"overlap:{_bucket(overlap, (1e-9, 0.2, 0.5, 0.8))}")
+    return sorted({_hash(n) for n in names})
+
+
+def last_user_text(prompt: list[dict]) -> str:
+    """The text of the last user message of a conversational prompt ('' when none)."""
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _reply_text(messages: list[dict]) -> str:
+    return " ".join(m.get("content", "") for m in messages)
+
+
+@dataclass(frozen=True)
+class ScorerAccuracy:
+    """How well the scorer predicts held-out feedback (see the module doc for the rules).
+
+    ``thumb_accuracy`` is None without held-out thumbs, ``pair_accuracy`` without
+    held-out pairs, ``accuracy`` without either."""
+
+    accuracy: float | None
+    thumb_accuracy: float | None
+    pair_accuracy: float | None
+    n_thumbs: int
+    n_pairs: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_thumbs + self.n_pairs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RewardModel:
+    """A trained scorer: :meth:`score` a reply, :meth:`accuracy` on held-out rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: float) -> None:
+        self.weight, self.bias = weight, bias
+
+    def _logits(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+        if not pairs:
+            return torch.zeros(0)
+        return _EmbeddedRows([features(p, r) for p, r in pairs]).dot(self.weight) + self.bias
+
+    def score(self, prompt: str, reply: str) -> float:
+        """``P(thumbs up)`` for ``reply`` to a user message ``prompt``, in (0, 1)."""
+        return self.scores([(prompt, reply)])[0]
+
+    def scores(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """:meth:`score` of many ``(prompt, reply)`` pairs at once."""
+        return torch.sigmoid(self._logits(pairs)).tolist()
+
+    def accuracy(self, kto_rows: Sequence[dict], dpo_rows: Sequence[dict]) -> ScorerAccuracy:
+        """Held-out accuracy on TRL rows (thumbs: balanced; pairs: ranking)."""
+        thumb_acc = None
+        if kto_rows:
+            logits = self._logits([(last_user_text(r["prompt"]), _reply_text(r["completion"]))
+                                   for r in kto_rows])
+            recalls = []
+            for label in (True, False):
+                hits = [(z > 0) == label for z, r in zip(logits.tolist(), kto_rows, strict=True)
+                        if r["label"] is label]
+                if hits:
+                    recalls.append(sum(hits) / len(hits))
+            thumb_acc = sum(recalls) / len(recalls)
+        pair_acc = None
+        if dpo_rows:
+            chosen = self._logits([(last_user_text(r["prompt"]), _reply_text(r["chosen"]))
+                                   for r in dpo_rows])
+            rejected = self._logits([(last_user_text(r["prompt"]), _reply_text(r["rejected"]))
+                                     for r in dpo_rows])
+            wins = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).tolist()
+            pair_acc = sum(wins) / len(wins)
+        n_t, n_p = len(kto_rows), len(dpo_rows)
+        overall = None
+        if n_t or n_p:
+            overall = ((thumb_acc or 0.0) * n_t + (pair_acc or 0.0) * n_p) / (n_t + n_p)
+        return ScorerAccuracy(overall, thumb_acc, pair_acc, n_t, n_p)
+
+
+class _EmbeddedRows:
+    """Sparse unit-length feature vectors as (index, offset, weight) for ``embedding_bag``."""
+
+    def __init__(self, rows: Sequence[list[int]]) -> None:
+        flat = [i for row in rows for i in row]
+        self.index = torch.tensor(flat, dtype=torch.long)
+        offsets, at = [], 0
+        for row in rows:
+            offsets.append(at)
+            at += len(row)
+        self.offsets = torch.tensor(offsets, dtype=torch.long)
+        self.values = torch.tensor([1 / math.sqrt(len(row)) for row in rows for _ in row])
+
+    def dot(self, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(self.index, weight.unsqueeze(1), self.offsets, mode="sum",
+                               per_sample_weights=self.values).squeeze(1)
+
+
+def train_reward_model(
+    kto_rows: Sequence[dict],
+    dpo_rows: Sequence[dict],
+    *,
+    l2: float = 1e-4,
+    steps: int = 300,
+    learning_rate: float = 0.1,
+    seed: int = 0,
+) -> RewardModel:
+    """Fit the scorer to TRL thumbs rows and preference rows (see the module doc).
+
+    With no rows at all the scorer gives every reply 0.5."""
+    torch.manual_seed(seed)
+    weight = torch.zeros(DIMENSIONS, requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    if not kto_rows and not dpo_rows:
+        return RewardModel(weight.detach(), 0.0)
+    thumbs = _EmbeddedRows([features(last_user_text(r["prompt"]), _reply_text(r["completion"]))
+                            for r in kto_rows])
+    labels = torch.tensor([float(r["label"]) for r in kto_rows])
+    n_up = labels.sum()
+    n_down = len(kto_rows) - n_up
+    # each label class weighs half of the thumbs, whatever its count
+    class_weight = torch.where(labels > 0, 0.5 / n_up.clamp(min=1), 0.5 / n_down.clamp(min=1))
+    if n_up == 0 or n_down == 0:
+        class_weight = torch.full_like(labels, 1 / max(1, len(kto_rows)))
+    chosen = _EmbeddedRows([features(last_user_text(r["prompt"]), _reply_text(r["chosen"]))
+                            for r in dpo_rows])
+    rejected = _EmbeddedRows([features(last_user_text(r["prompt"]), _reply_text(r["rejected"]))
+                              for r in dpo_rows])
+    total = len(kto_rows) + len(dpo_rows)
+    optimiser = torch.optim.Adam([weight, bias], lr=learning_rate)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss = l2 * weight.square().sum()
+        if kto_rows:
+            logits = thumbs.dot(weight) + bias
+            nll = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+            loss = loss + (nll * class_weight).sum() * len(kto_rows) / total
+        if dpo_rows:
+            margin = chosen.dot(weight) - rejected.dot(weight)
+            loss = loss + F.softplus(-margin).mean() * len(dpo_rows) / total
+        loss.backward()
+        optimiser.step()
+    return RewardModel(weight.detach(), float(bias.detach()))

@@ -1,0 +1,139 @@
+"""Sample replies the way the chat server does, and measure how far an adapter moved them.
+
+Serving (``chat_app.engine``) renders the prompt with the chat template and the
+generation prompt, drops the oldest non-system turns when the prompt exceeds its
+token budget, and samples each token from ``softmax(logits / temperature)`` restricted
+to the top-``top_p`` nucleus (greedy at temperature 0), ignoring the model's own
+``generation_config``; a reply ends at the tokenizer's EOS, any EOS id of the
+generation config, or the special token the chat template closes an assistant turn
+with. This module repeats those rules (``retrain`` may not import ``chat_app``), so
+the gate judges the replies users would see.
+
+KL: ``KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))`` at each reply token position
+(the end-of-turn token included), ``p`` the model with its adapter and ``q`` the base
+(adapter disabled); :func:`kl_to_base` returns the sum and the token count so callers
+can average over all replies' tokens (nats per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from retrain import modeling
+
+_MARKER = "EVALEOTMARKER"
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end a reply, as serving computes them."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list | tuple):
+        ids.update(int(i) for i in gen_eos)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # a template may refuse this shape of chat; EOS ids still stop
+        return ids
+    if _MARKER in text:
+        after = text.split(_MARKER, 1)[1].lstrip()
+        best: tuple[int, int] | None = None
+        for token_id, added in tokenizer.added_tokens_decoder.items():
+            content = str(added)
+            if added.special and content and after.startswith(content):
+                if best is None or len(content) > best[1]:
+                    best = (token_id, len(content))
+        if best is not None:
+            ids.add(best[0])
+    return ids
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict], budget: int) -> list[int]:
+    """Prompt token ids with the generation prompt; over ``budget`` the oldest non-system
+    messages go first (the last message always stays, cut from the left if alone)."""
+    kept = list(messages)
+    while True:
+        text = tokenizer.apply_chat_template(kept, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+        if len(ids) <= budget or not droppable:
+            return ids[-budget:]
+        del kept[droppable[0]]
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Rows of ``scores`` with tokens outside the top-``top_p`` nucleus set to -inf."""
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+@torch.no_grad()
+def sample_replies(
+    model: Any,
+    prompt_ids: Sequence[int],
+    n: int,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    seed: int,
+) -> list[list[int]]:
+    """``n`` replies (token ids, the stop token kept when one ended the reply) to one
+    prompt, drawn with a generator seeded by ``seed``: the same seed and the same
+    model give the same replies, so two adapters share their random numbers."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    ids = torch.tensor([list(prompt_ids)] * n, device=device)
+    out = model(input_ids=ids, use_cache=True)
+    replies: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature == 0:
+            tokens = logits.argmax(-1)
+        else:
+            scores = logits / temperature
+            if top_p < 1.0:
+                scores = _top_p_filter(scores, top_p)
+            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                replies[row].append(token)
+                done[row] = token in stop_ids
+        if all(done):
+            break
+        out = model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return replies
+
+
+@torch.no_grad()
+def kl_to_base(
+    model: Any, prompt_ids: Sequence[int], replies: Sequence[Sequence[int]], pad_id: int
+) -> tuple[float, int]:
+    """``(sum of per-token KL(model || base), number of tokens)`` over ``replies``;
+    ``model`` is a PEFT model whose active adapter is the one measured."""
+    turns = [(list(prompt_ids), list(r)) for r in replies if r]
+    if not turns:
+        return 0.0, 0
+    device = next(model.parameters()).device
+    width = max(len(p) + len(c) for p, c in turns)
+    batch = modeling.collate(turns, pad_id=pad_id, max_length=width, device=device)
+    mask = batch.labels[:, 1:] != modeling.IGNORE_INDEX
+    log_p = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
+    with model.disable_adapter():
+        log_q = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
+    return kl.sum().item(), kl.numel()
