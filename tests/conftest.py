@@ -73,7 +73,12 @@ def store(db_url: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The full demo model, built once per test session (a few minutes on 2 cores)."""
+    """The full demo model, built once per test session (a few minutes on 2 cores).
+
+    FEEDBACK_CHAT_TEST_DEMO_DATA names a data folder to build it in and reuse across
+    sessions (a current build there is used as it is, a stale one rebuilt)."""
     from chat_app.demo_model.build import ensure_demo_model
 
-    return ensure_demo_model(tmp_path_factory.mktemp("demo-data"), progress=False)
+    data = os.environ.get("FEEDBACK_CHAT_TEST_DEMO_DATA")
+    folder = Path(data) if data else tmp_path_factory.mktemp("demo-data")
+    return ensure_demo_model(folder, progress=False)

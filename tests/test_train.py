@@ -269,6 +269,7 @@ def test_edge_rounds_run_and_stay_finite(tiny: Path, tmp_path: Path, kind: str):
         learning_rate=1e-3,
         kto_steps=5,
         dpo_steps=5,
+        epochs=3.0,
         dpo_loss_type="ipo" if kind == "ipo" else "sigmoid",
     )
     out = tmp_path / kind

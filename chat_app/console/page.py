@@ -300,19 +300,20 @@ def _adapters_tab(ctx: ConsoleContext) -> Loader:
         rows, names, line = runs.versions_table(ctx)
         return line, _frame(rows, runs.VERSION_HEADERS), gr.Dropdown(choices=names)
 
-    def act(do: Callable[..., Any]) -> Callable[..., tuple[Any, ...]]:
-        def run(*args: Any) -> tuple[Any, ...]:
-            result = do(*args)
-            if not result.ok:
-                gr.Warning(result.message)
-            return (f"{'✓' if result.ok else '⚠️'} {runs.md(result.message)}", *show())
-        return run
+    def report(result: Any) -> tuple[Any, ...]:
+        if not result.ok:
+            gr.Warning(result.message)
+        return (f"{'✓' if result.ok else '⚠️'} {runs.md(result.message)}", *show())
 
-    def on_promote(version: str, request: gr.Request) -> Any:
-        return actions.promote(ctx, version, by=_user(request))
+    # Gradio passes the request only to a handler whose own signature asks for it.
+    def on_promote(version: str, request: gr.Request) -> tuple[Any, ...]:
+        return report(actions.promote(ctx, version, by=_user(request)))
 
-    promote_btn.click(act(on_promote), [pick], [notice, *outputs], **PRIVATE)
-    rollback_btn.click(act(lambda: actions.rollback(ctx)), None, [notice, *outputs], **PRIVATE)
+    def on_rollback() -> tuple[Any, ...]:
+        return report(actions.rollback(ctx))
+
+    promote_btn.click(on_promote, [pick], [notice, *outputs], **PRIVATE)
+    rollback_btn.click(on_rollback, None, [notice, *outputs], **PRIVATE)
     refresh_btn.click(show, None, outputs, **PRIVATE)
     return show, [], outputs
 
