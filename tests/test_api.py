@@ -194,3 +194,17 @@ def test_health_and_metrics(server, client):
 def test_openapi_schema_is_served(server):
     schema = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"] and "/v1/feedback" in schema["paths"]
+
+
+def test_streamed_chunks_stay_on_one_line_whatever_the_model_emits():
+    """A random model can emit U+2028, U+2029 or U+0085; httpx's iter_lines (and other
+    SSE readers using str.splitlines) would cut a chunk there and fail to parse it."""
+    import httpx
+
+    from chat_app.api.routes import sse_json
+
+    body = {"delta": {"content": "a\u2028b\u2029c\x85d\x0be\x1cf é ✓"}}
+    line = f"data: {sse_json(body)}\n\n"
+    decoded = list(httpx.Response(200, content=line.encode()).iter_lines())
+    assert [ln for ln in decoded if ln] == [line.strip()]
+    assert json.loads(decoded[0][6:]) == body

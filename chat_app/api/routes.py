@@ -57,6 +57,20 @@ class ApiError(Exception):
                             status_code=self.status, headers=headers)
 
 
+# Characters that Python's str.splitlines (and so httpx's iter_lines and other SSE
+# readers) treats as line ends, which json.dumps(ensure_ascii=False) leaves raw.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def sse_json(body: Any) -> str:
+    """``body`` as JSON on one SSE line: UTF-8 text as is, but every character that
+    any reader might take for a line break escaped (a random model can emit them)."""
+    text = json.dumps(body, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
+
+
 def _store_errors(exc: Exception) -> ApiError:
     if isinstance(exc, NotFound):
         return ApiError(404, str(exc), code="not_found")
@@ -170,7 +184,7 @@ def build_router(services: Any) -> APIRouter:
         def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
             body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                                          "logprobs": None}], **extra}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {sse_json(body)}\n\n"
 
         stored = False
         try:
