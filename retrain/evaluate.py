@@ -503,7 +503,7 @@ def evaluate_behaviour(
     quantize = modeling.resolve_quantize(quantize_4bit, torch_device)
     tokenizer = modeling.load_tokenizer(base_model)
     thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
-    pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo)
+    pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
     reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
     scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
     prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts)
