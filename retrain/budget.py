@@ -10,8 +10,8 @@ and measures
 
     KL = sum over reply tokens t of sum_v p_t(v) (log p_t(v) - log q_t(v)) / tokens
 
-with ``p`` the model with its adapter and ``q`` the base. Each probe prompt is sampled
-with its own fixed seed, so successive checks differ by the adapter, not by luck.
+with ``p`` the model with its adapter and ``q`` the base. The probe prompts are sampled
+with the same fixed seed, so successive checks differ by the adapter, not by luck.
 
 :class:`KLProbe` keeps a copy of the trainable (LoRA) weights from the last check
 within the budget; when training ends on a check over the budget, that copy is put
@@ -65,21 +65,20 @@ class KLProbe:
         """Mean per-token KL(adapter || base) over fresh samples, nats per token."""
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
         try:
-            for i, ids in enumerate(self.prompt_ids):
-                replies = sampling.sample_replies(
-                    model,
-                    ids,
-                    self.samples,
-                    temperature=PROBE_TEMPERATURE,
-                    top_p=PROBE_TOP_P,
-                    max_new_tokens=self.max_new_tokens,
-                    stop_ids=self.stop_ids,
-                    seed=self.seed + i,
-                )
-                kl, n = sampling.kl_to_base(model, ids, replies, self.pad_id)
-                total, count = total + kl, count + n
+            replies = sampling.sample_replies(
+                model,
+                self.prompt_ids,
+                self.samples,
+                temperature=PROBE_TEMPERATURE,
+                top_p=PROBE_TOP_P,
+                max_new_tokens=self.max_new_tokens,
+                stop_ids=self.stop_ids,
+                seed=self.seed,
+            )
+            turns = [(ids, r) for ids, group in zip(self.prompt_ids, replies, strict=True)
+                     for r in group]
+            total, count = sampling.kl_to_base(model, turns, self.pad_id)
         finally:
             model.train(was_training)
         return total / count if count else 0.0

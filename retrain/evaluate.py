@@ -519,46 +519,46 @@ def evaluate_behaviour(
                                 "active" if active_path is not None else None, batch_size,
                                 max_length)
 
-    def replies_of(adapter: str | None, messages: list[dict], seed: int) -> tuple[list[str],
-                                                                                 float, int]:
-        ids = encode_prompt(tokenizer, messages, max_input_tokens)
+    everything = [*prompts, *canary_prompts]
+    prompt_ids = [encode_prompt(tokenizer, messages, max_input_tokens) for messages in everything]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def replies_of(adapter: str | None) -> tuple[list[list[str]], float, int]:
+        """Every prompt's replies from ``adapter`` (None: the base), the same seed for
+        both versions; and the KL sum and token count from the base."""
         kwargs = dict(temperature=config.temperature, top_p=config.top_p,
-                      max_new_tokens=config.max_new_tokens, stop_ids=stops, seed=seed)
+                      max_new_tokens=config.max_new_tokens, stop_ids=stops,
+                      seed=config.seed * 1_000_003)
         if adapter is None:
             with model.disable_adapter():
-                out = sample_replies(model, ids, config.samples_per_prompt, **kwargs)
+                out = sample_replies(model, prompt_ids, config.samples_per_prompt, **kwargs)
             kl, count = 0.0, 0
         else:
             model.set_adapter(adapter)
-            out = sample_replies(model, ids, config.samples_per_prompt, **kwargs)
-            kl, count = kl_to_base(model, ids, out, tokenizer.pad_token_id)
-        return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in out], kl, count
+            out = sample_replies(model, prompt_ids, config.samples_per_prompt, **kwargs)
+            kl, count = kl_to_base(model, [(ids, r) for ids, group in zip(prompt_ids, out,
+                                                                           strict=True)
+                                           for r in group], pad_id)
+        texts = [[tokenizer.decode(r, skip_special_tokens=True).strip() for r in group]
+                 for group in out]
+        return texts, kl, count
 
-    active_name = "active" if active_path is not None else None
+    cand_all, cand_kl, cand_n = replies_of("default")
+    act_all, act_kl, act_n = replies_of("active" if active_path is not None else None)
     diffs: list[float] = []
     cand_scores: list[float] = []
     act_scores: list[float] = []
-    texts: dict[str, list[str]] = {"cand": [], "act": []}
-    kl = {"cand": [0.0, 0], "act": [0.0, 0]}
     samples = []
-    for i, messages in enumerate([*prompts, *canary_prompts]):
-        seed = config.seed * 1_000_003 + i
-        cand, c_kl, c_n = replies_of("default", messages, seed)
-        act, a_kl, a_n = replies_of(active_name, messages, seed)
-        texts["cand"] += cand
-        texts["act"] += act
-        kl["cand"][0] += c_kl
-        kl["cand"][1] += c_n
-        kl["act"][0] += a_kl
-        kl["act"][1] += a_n
-        if i < len(prompts):
-            user = last_user_text(messages)
-            c = _mean(reward_model.scores([(user, r) for r in cand]))
-            a = _mean(reward_model.scores([(user, r) for r in act]))
-            cand_scores.append(c)
-            act_scores.append(a)
-            diffs.append(c - a)
-            samples.append((user, cand[0], act[0]))
+    for messages, cand, act in zip(prompts, cand_all, act_all, strict=False):
+        user = last_user_text(messages)
+        c = _mean(reward_model.scores([(user, r) for r in cand]))
+        a = _mean(reward_model.scores([(user, r) for r in act]))
+        cand_scores.append(c)
+        act_scores.append(a)
+        diffs.append(c - a)
+        samples.append((user, cand[0], act[0]))
+    texts = {"cand": [r for g in cand_all for r in g], "act": [r for g in act_all for r in g]}
+    kl = {"cand": [cand_kl, cand_n], "act": [act_kl, act_n]}
 
     diff = _mean(diffs) if diffs else None
     lower = None

@@ -321,29 +321,6 @@ def _check_logps(tensors: dict[str, Tensor]) -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def completion_kl(
-    policy_logits: Tensor, ref_logits: Tensor, labels: Tensor, *, ignore_index: int = -100
-) -> Tensor:
-    """Mean per-token ``KL(pi || pi_ref)`` over the labelled (completion) tokens, in nats.
-
-    At every position ``t`` that predicts a labelled token (as in :func:`sequence_logps`)::
-
-        KL_t = sum_v p_t(v) * (log p_t(v) - log q_t(v)),  p = softmax(policy), q = softmax(ref)
-
-    and the result is the mean of ``KL_t`` over all such positions of the batch (0.0 when
-    there are none). It is how far the adapter has moved the next-token distribution on
-    the training replies, which are mostly the served model's own samples; the trainer
-    stops a round when it passes its KL budget. Detached: a metric, not a loss.
-    """
-    with torch.no_grad():
-        mask = labels[:, 1:] != ignore_index
-        if not bool(mask.any()):
-            return policy_logits.new_zeros((), dtype=torch.float32)
-        log_p = F.log_softmax(policy_logits[:, :-1][mask].float(), -1)
-        log_q = F.log_softmax(ref_logits[:, :-1][mask].float(), -1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-
-
 def per_token_nll(logps: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
     """``-logps / n_tokens`` per sequence: the length-normalised negative log-likelihood
     of each completion (``logps`` from :func:`sequence_logps`, ``n_tokens`` from

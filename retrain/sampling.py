@@ -81,7 +81,7 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 @torch.no_grad()
 def sample_replies(
     model: Any,
-    prompt_ids: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     n: int,
     *,
     temperature: float,
@@ -89,17 +89,50 @@ def sample_replies(
     max_new_tokens: int,
     stop_ids: set[int],
     seed: int,
-) -> list[list[int]]:
-    """``n`` replies (token ids, the stop token kept when one ended the reply) to one
-    prompt, drawn with a generator seeded by ``seed``: the same seed and the same
-    model give the same replies, so two adapters share their random numbers."""
+    max_rows: int = 64,
+) -> list[list[list[int]]]:
+    """``n`` replies (token ids, the stop token kept when one ended the reply) to each
+    prompt of ``prompts``: ``out[i][j]`` is the ``j``-th reply to prompt ``i``.
+
+    Prompts are sampled together, left-padded, at most ``max_rows`` rows (prompt x
+    sample) in one forward pass. The random numbers come from a generator seeded by
+    ``seed``, so the same prompts, seed and model give the same replies, and two
+    adapters sampled with the same seed share their random numbers."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    ids = torch.tensor([list(prompt_ids)] * n, device=device)
-    out = model(input_ids=ids, use_cache=True)
-    replies: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
+    rows = [list(p) for p in prompts for _ in range(n)]
+    flat: list[list[int]] = []
+    for lo in range(0, len(rows), max(1, max_rows)):
+        flat += _sample_rows(model, rows[lo:lo + max_rows], temperature=temperature,
+                             top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                             generator=generator)
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _sample_rows(
+    model: Any,
+    rows: list[list[int]],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """One reply per row of prompt ids, all rows decoded together (left padding: the
+    attention mask hides the pads and positions count real tokens only)."""
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, device=device)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    replies: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if temperature == 0:
@@ -115,25 +148,35 @@ def sample_replies(
                 done[row] = token in stop_ids
         if all(done):
             break
-        out = model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True)
     return replies
 
 
 @torch.no_grad()
 def kl_to_base(
-    model: Any, prompt_ids: Sequence[int], replies: Sequence[Sequence[int]], pad_id: int
+    model: Any,
+    turns: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    *,
+    max_rows: int = 32,
 ) -> tuple[float, int]:
-    """``(sum of per-token KL(model || base), number of tokens)`` over ``replies``;
+    """``(sum of per-token KL(model || base), number of tokens)`` over the reply tokens
+    of ``turns`` (``(prompt_ids, reply_ids)`` pairs, ``max_rows`` per forward pass);
     ``model`` is a PEFT model whose active adapter is the one measured."""
-    turns = [(list(prompt_ids), list(r)) for r in replies if r]
-    if not turns:
-        return 0.0, 0
+    turns = [(list(p), list(r)) for p, r in turns if r]
     device = next(model.parameters()).device
-    width = max(len(p) + len(c) for p, c in turns)
-    batch = modeling.collate(turns, pad_id=pad_id, max_length=width, device=device)
-    mask = batch.labels[:, 1:] != modeling.IGNORE_INDEX
-    log_p = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
-    with model.disable_adapter():
-        log_q = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
-    return kl.sum().item(), kl.numel()
+    total, count = 0.0, 0
+    for lo in range(0, len(turns), max(1, max_rows)):
+        chunk = turns[lo:lo + max_rows]
+        width = max(len(p) + len(c) for p, c in chunk)
+        batch = modeling.collate(chunk, pad_id=pad_id, max_length=width, device=device)
+        mask = batch.labels[:, 1:] != modeling.IGNORE_INDEX
+        log_p = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
+        with model.disable_adapter():
+            log_q = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
+        total, count = total + kl.sum().item(), count + kl.numel()
+    return total, count

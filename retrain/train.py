@@ -29,7 +29,6 @@ from retrain.budget import KLProbe, probe_prompts
 from retrain.losses import (
     DPO_LOSS_TYPES,
     balanced_kto_weights,
-    completion_kl,
     completion_token_counts,
     dpo_loss,
     kto_loss,
@@ -226,15 +225,13 @@ def _logps(model: torch.nn.Module, batch: modeling.Batch) -> torch.Tensor:
 
 def _policy_and_reference(
     model: torch.nn.Module, batch: modeling.Batch
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(policy_logps, reference_logps, kl)`` of ``batch``: summed completion
-    log-probabilities with and without the adapter, and the mean per-token
-    ``KL(policy || reference)`` on the completion tokens (detached)."""
-    logits = modeling.forward_logits(model, batch)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(policy_logps, reference_logps)`` of ``batch``: summed completion
+    log-probabilities with the adapter (differentiable) and without it (no gradient)."""
+    policy = _logps(model, batch)
     with modeling.reference_mode(model):
-        ref_logits = modeling.forward_logits(model, batch)
-    kl = completion_kl(logits.detach(), ref_logits, batch.labels)
-    return sequence_logps(logits, batch.labels), sequence_logps(ref_logits, batch.labels), kl
+        ref = _logps(model, batch)
+    return policy, ref
 
 
 class _Phase:
@@ -378,7 +375,7 @@ def _train_kto(
             ]
         )
         desirable = torch.tensor([e.desirable for e in batch], dtype=torch.bool, device=device)
-        policy, ref, completion_kl_value = _policy_and_reference(model, matched)
+        policy, ref = _policy_and_reference(model, matched)
         with torch.no_grad():
             policy_kl = _logps(model, kl_pairs)
             with modeling.reference_mode(model):
@@ -396,7 +393,7 @@ def _train_kto(
         nll = per_token_nll(policy, matched.labels)
         if config.sft_weight and bool(desirable.any()):
             loss = loss + config.sft_weight * nll[desirable].mean()
-        logged = {**metrics, "logps/policy": policy, "kl/completion": completion_kl_value}
+        logged = {**metrics, "logps/policy": policy}
         if bool(desirable.any()):
             logged["nll/desirable"] = nll[desirable]
         phase.step(step, loss, logged)
@@ -434,7 +431,7 @@ def _train_dpo(
         both = modeling.collate(
             pairs, pad_id=_pad_id(tokenizer), max_length=config.max_length, device=device
         )
-        policy, ref, completion_kl_value = _policy_and_reference(model, both)
+        policy, ref = _policy_and_reference(model, both)
         n = len(batch)
         lengths = {}
         if config.dpo_loss_type == "ipo":  # IPO compares per-token log-ratios, as TRL does
@@ -456,7 +453,7 @@ def _train_dpo(
             step,
             loss,
             {**metrics, "logps/chosen": policy[:n], "logps/rejected": policy[n:],
-             "kl/completion": completion_kl_value, "nll/chosen": nll},
+             "nll/chosen": nll},
         )
         if phase.budget_reached:
             break

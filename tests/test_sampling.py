@@ -1,0 +1,103 @@
+"""Batched sampling and KL (``retrain.sampling``): prompts of different lengths decoded
+together, left-padded, must give what each prompt gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from retrain import modeling
+from retrain.sampling import encode_prompt, kl_to_base, sample_replies, stop_token_ids
+from tiny_models import make_tiny_model
+
+QUESTIONS = ["Hi", "What is the capital of France, and why is it on the Seine?",
+             "Cats?", "Tell me about water boiling at sea level, please, in detail."]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", arch=request.param)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.manual_seed(1)
+    model = get_peft_model(base, modeling.fresh_lora_config(
+        r=4, alpha=8, dropout=0.0, target_modules="all-linear")).eval()
+    with torch.no_grad():  # a LoRA that moves the model (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], 256)
+               for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1  # the batch needs padding
+    return model, tokenizer, prompts
+
+
+def _sample(model, tokenizer, prompts, n, **kw):
+    args = dict(temperature=0.0, top_p=1.0, max_new_tokens=12,
+                stop_ids=stop_token_ids(model, tokenizer), seed=3)
+    return sample_replies(model, prompts, n, **{**args, **kw})
+
+
+def test_batched_greedy_replies_equal_each_prompt_alone(setup) -> None:
+    model, tokenizer, prompts = setup
+    together = _sample(model, tokenizer, prompts, 2)
+    alone = [_sample(model, tokenizer, [p], 2)[0] for p in prompts]
+    assert together == alone
+    assert [len(g) for g in together] == [2] * len(prompts)
+    assert all(r for g in together for r in g)
+
+
+def test_sampling_is_seeded_and_chunking_keeps_rows_in_order(setup) -> None:
+    model, tokenizer, prompts = setup
+    kw = dict(temperature=1.0, top_p=0.95)
+    first = _sample(model, tokenizer, prompts, 3, **kw)
+    assert first == _sample(model, tokenizer, prompts, 3, **kw)
+    assert first != _sample(model, tokenizer, prompts, 3, **{**kw, "seed": 4})
+    chunked = _sample(model, tokenizer, prompts, 3, max_rows=5, **{**kw, "temperature": 0.0})
+    assert chunked == _sample(model, tokenizer, prompts, 3, temperature=0.0)
+
+
+def test_kl_to_base_batched_equals_per_turn_and_is_zero_without_adapter(setup) -> None:
+    model, tokenizer, prompts = setup
+    replies = _sample(model, tokenizer, prompts, 2, temperature=1.0, top_p=1.0)
+    turns = [(p, r) for p, group in zip(prompts, replies, strict=True) for r in group]
+    pad = tokenizer.pad_token_id
+    total, count = kl_to_base(model, turns, pad)
+    one_by_one = [kl_to_base(model, [t], pad) for t in turns]
+    assert count == sum(len(r) for _, r in turns) == sum(c for _, c in one_by_one)
+    assert total > 0.01 * count  # this LoRA moves the model
+    assert total == pytest.approx(sum(k for k, _ in one_by_one), rel=1e-4)
+    assert kl_to_base(model, turns, pad, max_rows=3) == pytest.approx((total, count), rel=1e-5)
+    with model.disable_adapter():  # the adapter off: the model is the base, KL 0
+        zero, _ = kl_to_base(_Unwrapped(model), turns, pad)
+    assert zero == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_base(model, [(prompts[0], [])], pad) == (0.0, 0)
+
+
+class _Unwrapped(torch.nn.Module):
+    """The PEFT model with the adapter already disabled, and disable_adapter a no-op."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kw):
+        return self.model(**kw)
+
+    def disable_adapter(self):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+def test_encode_prompt_drops_oldest_turns_over_budget(setup) -> None:
+    _, tokenizer, _ = setup
+    chat = [{"role": "user", "content": "Hello there, how are you doing today?"},
+            {"role": "assistant", "content": "Fine, thank you for asking me."},
+            {"role": "user", "content": "Cats?"}]
+    full = encode_prompt(tokenizer, chat, 10_000)
+    short = encode_prompt(tokenizer, chat, len(full) - 1)
+    assert len(short) < len(full)
+    assert short == encode_prompt(tokenizer, chat[1:], 10_000)  # the oldest turn went
