@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from retrain import modeling
 from retrain.sampling import encode_prompt, kl_to_base, sample_replies, stop_token_ids
-from tiny_models import make_tiny_model
 
 QUESTIONS = ["Hi", "What is the capital of France, and why is it on the Seine?",
              "Cats?", "Tell me about water boiling at sea level, please, in detail."]
