@@ -6,6 +6,13 @@ the current one, routes new requests to it, and unloads the old version once its
 in-flight replies have finished. A missing or corrupt adapter folder is refused:
 the current version keeps serving and the failure is logged and counted. Rollback
 is the same swap in the other direction.
+
+The canary (``feedback_store.canary``) is followed the same way: while one runs its
+version is loaded beside the active one and :meth:`AdapterWatcher.version_for` sends
+each conversation to the version the canary assigns it; every ``canary_check_seconds``
+the watcher applies the canary's decision rule (any replica may; the database makes
+the first one win), and when the canary ends its version is unloaded unless it became
+the active one.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback_store import Registry, StoreError
+from feedback_store.canary import CanaryState
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +41,13 @@ class SwapEvent:
 
 class AdapterWatcher:
     def __init__(self, registry: Registry, engine: Any, *, poll_seconds: float = 2.0,
-                 metrics: Any | None = None, unload_timeout: float = 600.0) -> None:
+                 metrics: Any | None = None, unload_timeout: float = 600.0,
+                 canaries: Any | None = None, canary_check_seconds: float = 10.0) -> None:
         self.registry = registry
+        self.canaries = canaries  # feedback_store.canary.Canaries; None: no canary here
+        self.canary_check_seconds = canary_check_seconds
+        self.canary: CanaryState | None = None  # the canary being served, once loaded
+        self._next_check = 0.0
         self.engine = engine
         self.poll_seconds = poll_seconds
         self.metrics = metrics
@@ -59,12 +72,80 @@ class AdapterWatcher:
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
+                if self.canaries is not None and time.monotonic() >= self._next_check:
+                    self._next_check = time.monotonic() + self.canary_check_seconds
+                    self.decide_canary()
                 self.sync()
             except Exception:  # never let the watcher die; the next poll retries
                 log.exception("adapter watcher: sync failed")
 
+    def version_for(self, conversation_id: int | None) -> str | None:
+        """The version that serves ``conversation_id`` (None: the active one)."""
+        canary = self.canary
+        if canary is None or conversation_id is None:
+            return None
+        version = canary.version_for(conversation_id)
+        return version if version == canary.version else None
+
+    def decide_canary(self) -> dict | None:
+        """Apply the running canary's rule; the ended canary's record when it ended."""
+        try:
+            ended = self.canaries.decide()
+        except StoreError as exc:
+            log.warning("canary: database unavailable (%s); deciding later", exc)
+            return None
+        if ended is not None:
+            log.info("canary %s %s: %s", ended["version"], ended["outcome"], ended["reason"])
+            if self.metrics is not None:
+                self.metrics.canary_decisions.labels(ended["outcome"]).inc()
+        return ended
+
     def sync(self) -> SwapEvent | None:
-        """Bring the engine to the registry's active version; returns what happened."""
+        """Bring the engine to the registry's active version and the running canary;
+        returns what happened to the active version."""
+        event = self._sync_active()
+        if self.canaries is not None:
+            self._sync_canary()
+        return event
+
+    def _sync_canary(self) -> None:
+        from .engine import AdapterError
+
+        with self._lock:
+            try:
+                state = self.canaries.current()
+                row = self.registry.get_version(state.version) if state is not None else None
+            except StoreError as exc:
+                log.warning("adapter watcher: canary state unavailable (%s)", exc)
+                return
+            old = self.canary
+            if state is not None and state != old:
+                if (state.version, row.path) in self._refused:
+                    return
+                try:
+                    if state.version not in self.engine.loaded_versions():
+                        if not Path(row.path).is_dir():
+                            raise AdapterError(f"adapter folder {row.path} does not exist")
+                        self.engine.load_adapter(state.version, row.path)
+                except (AdapterError, OSError, ValueError, RuntimeError) as exc:
+                    self._refused.add((state.version, row.path))
+                    log.error("refusing canary %s: %s; every conversation stays on %s",
+                              state.version, exc, self.engine.active_version)
+                    return
+                self.canary = state
+                log.info("canary %s serves %.0f%% of new conversations (from #%d)",
+                         state.version, 100 * state.share, state.first_conversation_id)
+            elif state is None and old is not None:
+                self.canary = None
+                log.info("canary %s ended", old.version)
+            else:
+                return
+        if old is not None and (state is None or state.version != old.version) \
+                and old.version != self.engine.active_version:
+            threading.Thread(target=self._unload, args=(old.version,), daemon=True,
+                             name=f"unload-{old.version}").start()
+
+    def _sync_active(self) -> SwapEvent | None:
         from .engine import BASE_VERSION, AdapterError
 
         with self._lock:
@@ -97,7 +178,8 @@ class AdapterWatcher:
             log.info("now serving adapter %s (was %s), swap took %.3fs", target, current,
                      ev.seconds)
             self._record(ev)
-        if current != BASE_VERSION:
+        canary = self.canary
+        if current != BASE_VERSION and (canary is None or canary.version != current):
             threading.Thread(target=self._unload, args=(current,), daemon=True,
                              name=f"unload-{current}").start()
         return ev

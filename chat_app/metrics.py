@@ -37,6 +37,8 @@ class Metrics:
                               registry=r)
         self.swaps = Counter("feedback_chat_adapter_swaps", "Adapter hot-swaps", ["result"],
                              registry=r)
+        self.canary_decisions = Counter("feedback_chat_canary_decisions",
+                                        "Canaries ended, by outcome", ["outcome"], registry=r)
         self.active = Gauge("feedback_chat_active_adapter", "1 for the adapter version served",
                             ["adapter_version"], registry=r)
 

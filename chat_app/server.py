@@ -40,6 +40,14 @@ class Services:
     scheduler: Any | None = None
     started_at: float = field(default_factory=time.time)
 
+    def version_for(self, conversation_id: int | None) -> str | None:
+        """The adapter version that serves ``conversation_id`` (None: the active one);
+        differs from the active one only while a canary runs."""
+        return self.watcher.version_for(conversation_id) if self.watcher is not None else None
+
+    def canary_running(self) -> bool:
+        return self.watcher is not None and self.watcher.canary is not None
+
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown()
@@ -74,7 +82,9 @@ def build_services(settings: Settings, *, engine: Any | None = None,
     if start_watcher:
         services.watcher = AdapterWatcher(store.registry, engine,
                                           poll_seconds=settings.adapter_poll_seconds,
-                                          metrics=metrics).start()
+                                          metrics=metrics, canaries=store.canaries,
+                                          canary_check_seconds=settings.canary_check_seconds
+                                          ).start()
     if start_scheduler if start_scheduler is not None else settings.scheduler:
         services.scheduler = _start_scheduler(settings)
     return services
@@ -134,7 +144,8 @@ def create_app(services: Services) -> FastAPI:
     from .console import mount_console
 
     mount_console(app, services)  # /console, behind the operator login
-    page = build_chat_page(store=services.store, engine=services.engine, settings=ChatPageSettings(
+    page = build_chat_page(store=services.store, engine=services.engine, router=services,
+                           settings=ChatPageSettings(
         max_message_chars=settings.max_message_chars,
         default_system_prompt=settings.system_prompt,
         browser_state_secret=settings.resolved_session_secret(),

@@ -72,6 +72,21 @@ class Settings:
         "run the retraining scheduler inside this server"))
     adapter_poll_seconds: float = field(default=2.0, metadata=_meta(
         "how often the server checks the registry for a newly active adapter"))
+    canary_share: float = field(default=0.2, metadata=_meta(
+        "share of new conversations a version that passed the gate serves before live "
+        "ratings decide; 0: off, promote directly"))
+    canary_min_ratings: int = field(default=40, metadata=_meta(
+        "rated replies needed on each version before the canary can be decided"))
+    canary_margin: float = field(default=0.0, metadata=_meta(
+        "how much lower the canary's share of good replies may be and still be promoted"))
+    canary_error_rate: float = field(default=0.05, metadata=_meta(
+        "the chance of a wrong-direction canary decision the rule allows"))
+    canary_time_limit_hours: float = field(default=24.0, metadata=_meta(
+        "a canary still undecided after this long ends and the active version stays"))
+    canary_max_ratings: int = field(default=2000, metadata=_meta(
+        "a canary still undecided after this many ratings (both versions) ends the same way"))
+    canary_check_seconds: float = field(default=10.0, metadata=_meta(
+        "how often the server applies the canary's decision rule"))
 
     @property
     def resolved_database_url(self) -> str:
@@ -119,6 +134,11 @@ class Settings:
             p.append("retrain_min_feedback must be 0 or more")
         if self.adapter_poll_seconds <= 0:
             p.append("adapter_poll_seconds must be positive")
+        if self.canary_check_seconds <= 0:
+            p.append("canary_check_seconds must be positive")
+        from feedback_store.canary import CanaryConfig
+
+        p += CanaryConfig(**self.canary_dict()).problems()
         if self.users:
             try:
                 self.user_logins()
@@ -150,6 +170,11 @@ class Settings:
                 raise ValueError("users must look like 'name:password,name2:password2'")
             out.append((name, pw))
         return out
+
+    def canary_dict(self) -> dict[str, Any]:
+        """The canary settings as ``feedback_store.canary.CanaryConfig`` fields."""
+        return {name: getattr(self, "canary_" + name) for name in (
+            "share", "min_ratings", "margin", "error_rate", "time_limit_hours", "max_ratings")}
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
@@ -195,6 +220,7 @@ def retrain_settings(settings: Settings) -> dict[str, Any]:
         "model": resolve_model(settings),
         "device": settings.device or None,
         "quantize_4bit": {"auto": None, "on": True, "off": False}[settings.quantize_4bit],
+        "canary": settings.canary_dict(),
     }
 
 

@@ -10,7 +10,7 @@ ROLES = ("system", "user", "assistant")
 RATINGS = ("up", "down")
 EVENT_KINDS = ("up", "down", "comment", "edit", "choice")
 REPLY_ORIGINS = ("generated", "regenerated", "edit", "client")  # client: history sent by an API client
-VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
+VERSION_STATUSES = ("candidate", "canary", "active", "rejected", "retired")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
 RUN_TRIGGERS = ("schedule", "manual", "cli", "api", "test")
 

@@ -111,7 +111,7 @@ class Registry:
         metrics: dict[str, Any] | None = None,
     ) -> AdapterVersion:
         """Mark a version candidate, rejected or retired (use ``activate`` for active)."""
-        if status not in VERSION_STATUSES or status == "active":
+        if status not in VERSION_STATUSES or status in ("active", "canary"):
             raise InvalidInput(f"status must be one of candidate/rejected/retired, not {status!r}")
         if metrics is not None:
             metrics = json_object(metrics, "metrics")

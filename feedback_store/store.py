@@ -91,6 +91,12 @@ class FeedbackStore:
 
         return Registry(self.db)
 
+    @property
+    def canaries(self):  # type: ignore[no-untyped-def]
+        from .canary import Canaries
+
+        return Canaries(self.db)
+
     def close(self) -> None:
         self.db.dispose()
 

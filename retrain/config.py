@@ -20,6 +20,9 @@ class RetrainSettings:
     # FEEDBACK_CHAT_TRAIN_<NAME> and FEEDBACK_CHAT_GATE_<NAME> environment variables.
     train: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
+    # CanaryConfig overrides, e.g. {"share": 0} (off: promote directly); also read from
+    # FEEDBACK_CHAT_CANARY_<NAME> environment variables.
+    canary: dict[str, Any] = field(default_factory=dict)
     heartbeat_seconds: float = 5.0
     stale_after_seconds: float = 600.0  # a run silent this long is declared dead
 
@@ -49,6 +52,12 @@ class RetrainSettings:
         cfg = GateConfig(**{**_env_overrides("FEEDBACK_CHAT_GATE_", GateConfig), **self.gate})
         cfg.validate()
         return cfg
+
+    def canary_config(self):  # type: ignore[no-untyped-def]
+        from feedback_store.canary import CanaryConfig
+
+        return CanaryConfig(**{**_env_overrides("FEEDBACK_CHAT_CANARY_", CanaryConfig),
+                               **self.canary}).validate()
 
 
 def _env_overrides(prefix: str, cls: type) -> dict[str, Any]:

@@ -5,10 +5,14 @@ rows (training split; the held-out split, by prompt, is kept for the gate), trai
 from the active adapter, publish the candidate folder atomically, register it,
 compare the candidate's sampled replies with the active version's on held-out
 prompts (:func:`retrain.evaluate.evaluate_behaviour`, the model loaded as served), and
-promote, hold or reject with reasons (:func:`retrain.evaluate.gate_decision`). A held
-candidate stays registered as a candidate (an operator may still promote it) and the
-run succeeds with decision "held"; a rejected one makes the run "rejected". Progress and metrics are written to the run's row as it goes,
-and a heartbeat thread keeps the row fresh so a dead worker is noticed.
+promote, hold or reject with reasons (:func:`retrain.evaluate.gate_decision`). A
+candidate the gate promotes becomes the canary (decision "canary": it serves a share of
+new conversations until live ratings decide, :mod:`feedback_store.canary`; a canary
+still running is stopped in its favour), or, with the canary off (share 0), active at
+once (decision "promoted"). A held candidate stays registered as a candidate (an
+operator may still promote it) and the run succeeds with decision "held"; a rejected
+one makes the run "rejected". Progress and metrics are written to the run's row as it
+goes, and a heartbeat thread keeps the row fresh so a dead worker is noticed.
 
 Any failure marks the run failed with its error; the serving process is untouched.
 For tests, FEEDBACK_CHAT_RETRAIN_FAULT=exception|oom|kill makes the first training
@@ -80,6 +84,7 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
     with _Heartbeat(reg, run_id, settings.heartbeat_seconds):
         train_cfg = settings.train_config()
         gate_cfg = settings.gate_config()
+        canary_cfg = settings.canary_config()
         last_event = store.last_event_id() or 0
         snap = {"up_to_event_id": last_event, "eval_fraction": settings.eval_fraction}
         kto = build_kto_rows(store, RowFilter(split="train", **snap))
@@ -152,7 +157,12 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
         reg.register_version(version=version, path=str(adapters_dir / version),
                              parent_version=manifest["parent_version"], run_id=run_id,
                              data_hash=manifest["data_hash"], metrics=metrics)
-        if decision == "promote":
+        if decision == "promote" and not canary_cfg.off:
+            if store.canaries.current() is not None:
+                store.canaries.end_by_hand("stopped", by=f"run {run_id}, superseded by {version}")
+            store.canaries.start(version, canary_cfg, reasons=tuple(reasons))
+            status, outcome = "succeeded", "canary"
+        elif decision == "promote":
             reg.activate(version, reasons=reasons)
             status, outcome = "succeeded", "promoted"
         elif decision == "hold":

@@ -82,3 +82,13 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = os.environ.get("FEEDBACK_CHAT_TEST_DEMO_DATA")
     folder = Path(data) if data else tmp_path_factory.mktemp("demo-data")
     return ensure_demo_model(folder, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _canary_off_unless_marked(request: pytest.FixtureRequest,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests of a round's promotion run with the canary off (FEEDBACK_CHAT_CANARY_SHARE=0,
+    inherited by servers and workers they start), so a passing candidate goes active at
+    once as they expect; tests marked ``canary`` keep the service's default."""
+    if request.node.get_closest_marker("canary") is None:
+        monkeypatch.setenv("FEEDBACK_CHAT_CANARY_SHARE", "0")

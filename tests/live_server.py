@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -35,7 +36,10 @@ class LiveServer:
 @contextmanager
 def live_server(model_path: Path | str, data_dir: Path, *, device: str = "cpu",
                 **overrides: Any) -> Iterator[LiveServer]:
-    """Serve the app over ``model_path`` with its data in ``data_dir``; stop it after."""
+    """Serve the app over ``model_path`` with its data in ``data_dir``; stop it after.
+    The canary share is FEEDBACK_CHAT_CANARY_SHARE's (tests set it) unless given."""
+    overrides.setdefault("canary_share", float(os.environ.get("FEEDBACK_CHAT_CANARY_SHARE",
+                                                              Settings.canary_share)))
     settings = replace(Settings(), data_dir=data_dir, model=str(model_path), port=free_port(),
                        scheduler=False, adapter_poll_seconds=0.2, **overrides).validate()
     engine = Engine.from_config(EngineConfig(model=str(model_path), device=device,

@@ -63,8 +63,11 @@ def test_retrain_settings_come_from_the_settings_module(tmp_path):
         "model": "/models/chat",
         "device": "cpu",
         "quantize_4bit": False,
+        "canary": {"share": 0.2, "min_ratings": 40, "margin": 0.0, "error_rate": 0.05,
+                   "time_limit_hours": 24.0, "max_ratings": 2000},
     }
     assert RetrainSettings.coerce(mapping).model == "/models/chat"
+    assert RetrainSettings.coerce(mapping).canary_config().share == 0.2
     auto = retrain_settings(load_settings({"data_dir": str(tmp_path), "model": "m"}, environ={}))
     assert auto["device"] is None and auto["quantize_4bit"] is None
 

@@ -137,9 +137,19 @@ def build_router(services: Any) -> APIRouter:
             temperature=settings.temperature if temperature is None else temperature,
             top_p=settings.top_p if top_p is None else top_p, stop=stop, seed=seed)
 
-    def start(messages: list[dict], params: SamplingParams) -> Any:
+    def start(messages: list[dict], params: SamplingParams,
+              conversation_id: int | None = None) -> Any:
+        """Start a reply on the version that serves ``conversation_id`` (a canary's
+        share of conversations, else the active version)."""
+        version = services.version_for(conversation_id)
         try:
-            return engine.stream(messages, params)
+            try:
+                return engine.stream(messages, params, version=version)
+            except AdapterError:
+                if version is None:
+                    raise
+                # the canary ended between routing and starting: the active one answers
+                return engine.stream(messages, params)
         except EngineBusy as exc:
             raise ApiError(429, str(exc), type="rate_limit_error", code="server_busy") from exc
         except InputTooLong as exc:
@@ -233,13 +243,23 @@ def build_router(services: Any) -> APIRouter:
                           req.top_p, stop, req.seed)
         prompt = ([{"role": "system", "content": system}] if system else []) + [
             {"role": r, "content": t} for r, t in turns]
-        gen = start(prompt, params)
-        try:
-            conv, user_msg = append_turns(store, turns=turns, system_prompt=system,
-                                          conversation_id=req.conversation_id, user_id=req.user)
-        except Exception as exc:
-            gen.cancel()
-            raise _store_errors(exc) from exc
+        def store_turns() -> Any:
+            return append_turns(store, turns=turns, system_prompt=system,
+                                conversation_id=req.conversation_id, user_id=req.user)
+
+        if not services.canary_running():
+            gen = start(prompt, params)
+            try:
+                conv, user_msg = store_turns()
+            except Exception as exc:
+                gen.cancel()
+                raise _store_errors(exc) from exc
+        else:  # the conversation's id picks the version: store the turns first
+            try:
+                conv, user_msg = store_turns()
+            except Exception as exc:
+                raise _store_errors(exc) from exc
+            gen = start(prompt, params, conv.id)
         reply = begin_reply(gen, params, parent_id=user_msg.id)
         created = int(time.time())
         if req.stream:
@@ -258,11 +278,17 @@ def build_router(services: Any) -> APIRouter:
 
     @router.get("/models")
     def models() -> dict[str, Any]:
-        version = engine.active_version
-        return {"object": "list", "data": [{
-            "id": model_id(version), "object": "model", "created": int(services.started_at),
-            "owned_by": "feedback-chat", "base_model": label, "adapter_version": version,
-        }]}
+        """The active version, and the canary while one runs (with its share)."""
+        entry = {"object": "model", "created": int(services.started_at),
+                 "owned_by": "feedback-chat", "base_model": label}
+        data = [{**entry, "id": model_id(engine.active_version),
+                 "adapter_version": engine.active_version, "role": "active"}]
+        canary = services.watcher.canary if services.watcher is not None else None
+        if canary is not None:
+            data.append({**entry, "id": model_id(canary.version),
+                         "adapter_version": canary.version, "role": "canary",
+                         "share": canary.share})
+        return {"object": "list", "data": data}
 
     @router.post("/feedback")
     def feedback(req: FeedbackRequest) -> dict[str, Any]:
@@ -301,7 +327,7 @@ def build_router(services: Any) -> APIRouter:
         prompt = ([{"role": "system", "content": conv.system_prompt}] if conv.system_prompt
                   else []) + [{"role": m.role, "content": m.content} for m in context]
         params = sampling(req.max_tokens, req.temperature, req.top_p, seed=req.seed)
-        gen = start(prompt, params)
+        gen = start(prompt, params, conv.id)
         reply = begin_reply(gen, params, source_reply_id=original.id)
         try:
             for _ in gen:

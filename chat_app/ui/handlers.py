@@ -38,13 +38,35 @@ MAX_CLIENT_KEY_CHARS = 200
 class ChatHandlers:
     """Handlers over one store and one engine (shared by every browser)."""
 
-    def __init__(self, *, store: FeedbackStore, engine: Any, settings: ChatPageSettings) -> None:
+    def __init__(self, *, store: FeedbackStore, engine: Any, settings: ChatPageSettings,
+                 router: Any | None = None) -> None:
         settings.validate()
         self.store = store
         self.engine = engine
         self.settings = settings
+        # router.version_for(conversation_id) and router.canary_running(): the canary's
+        # split of conversations (chat_app.server.Services); None: the active version only
+        self.router = router
         self._streamer = ReplyStreamer(store=store, engine=engine, settings=settings,
-                                       view=self.view)
+                                       view=self.view, route=self._route)
+
+    def _route(self, conversation_id: int | None) -> str | None:
+        return self.router.version_for(conversation_id) if self.router is not None else None
+
+    def _early_conversation(self, session: ChatSession) -> str | None:
+        """While a canary runs a new chat's conversation is made before its first reply,
+        whose version its id decides; returns a problem, or None."""
+        if session.conversation_id is not None or self.router is None \
+                or not self.router.canary_running():
+            return None
+        try:
+            conv = self.store.create_conversation(
+                user_id=session.user_id, client_key=session.client_key, source="ui",
+                system_prompt=session.system_prompt or None)
+        except StoreError as exc:
+            return f"Your message was not saved: {exc}"
+        session.conversation_id = conv.id
+        return None
 
     # -- views -------------------------------------------------------------------------
 
@@ -118,6 +140,10 @@ class ChatHandlers:
             return
         if not session.started and system_prompt is not None:
             session.system_prompt = system_prompt.strip()
+        problem = self._early_conversation(session)
+        if problem:
+            yield self.view(session, error(problem))
+            return
         messages = [*session.model_messages(), {"role": "user", "content": text}]
 
         def prepare() -> list[Message]:
@@ -202,10 +228,19 @@ class ChatHandlers:
             return
         parent = session.thread[position - 1] if position > 0 else None
         messages = [*session.model_messages(position), {"role": "user", "content": text}]
+        new_chat = None  # a new first message: a new chat with the same system prompt
+        if parent is None and self.router is not None and self.router.canary_running():
+            try:  # made now: its id decides the version of its first reply
+                new_chat = self.store.create_conversation(
+                    user_id=session.user_id, client_key=session.client_key, source="ui",
+                    system_prompt=session.system_prompt or None)
+            except StoreError as exc:
+                yield self.view(session, error(f"Your message was not saved: {exc}"))
+                return
 
         def prepare() -> list[Message]:
-            if parent is None:  # a new first message: a new chat with the same system prompt
-                conv = self.store.create_conversation(
+            if parent is None:
+                conv = new_chat or self.store.create_conversation(
                     user_id=session.user_id, client_key=session.client_key, source="ui",
                     system_prompt=session.system_prompt or None)
                 session.conversation_id = conv.id
@@ -215,7 +250,8 @@ class ChatHandlers:
             return [*session.thread[:position], user]
 
         yield from self._streamer.run(session, messages, self.settings.sampling, prepare,
-                                      self._answer)
+                                      self._answer,
+                                      conversation_id=new_chat.id if new_chat else None)
 
     def _edit_reply(self, session: ChatSession, position: int, text: str) -> PageUpdate:
         try:

@@ -32,9 +32,11 @@ __all__ = ["ChatPageSettings", "build_chat_page"]
 BROWSER_STORAGE_KEY = "feedback-chat-session"
 
 
-def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSettings) -> gr.Blocks:
-    """Build the chat page over ``store`` and ``engine`` (see the module docstring)."""
-    handlers = ChatHandlers(store=store, engine=engine, settings=settings)
+def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSettings,
+                    router: Any | None = None) -> gr.Blocks:
+    """Build the chat page over ``store`` and ``engine`` (see the module docstring);
+    ``router`` splits conversations between the active version and a canary."""
+    handlers = ChatHandlers(store=store, engine=engine, settings=settings, router=router)
     with gr.Blocks(title=settings.title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {display_text(settings.title)}")
         model_line = gr.Markdown(elem_id="model-line")

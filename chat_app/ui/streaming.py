@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from chat_app.engine import EngineBusy, InputTooLong, SamplingParams
+from chat_app.engine import AdapterError, EngineBusy, InputTooLong, SamplingParams
 from feedback_store import FeedbackStore, Message, StoreError
 
 from .options import ChatPageSettings
@@ -35,19 +35,23 @@ class ReplyStreamer:
     """Streams replies for the chat page's handlers (one engine, one store)."""
 
     def __init__(self, *, store: FeedbackStore, engine: Any, settings: ChatPageSettings,
-                 view: Callable[..., PageUpdate]) -> None:
+                 view: Callable[..., PageUpdate],
+                 route: Callable[[int | None], str | None] = lambda _cid: None) -> None:
         self.store = store
         self.engine = engine
         self.settings = settings
         self.view = view
+        self.route = route  # conversation id -> the version that answers (None: active)
 
     def run(self, session: ChatSession, messages: list[dict[str, str]], params: SamplingParams,
             prepare: Prepare, save: Save, *, after: Callable[[Message], None] | None = None,
-            clear_box: bool = False) -> Iterator[PageUpdate]:
+            clear_box: bool = False, conversation_id: int | None = None
+            ) -> Iterator[PageUpdate]:
         """Yield the page as the reply to ``messages`` streams in; see the module docstring.
 
         ``after(reply)`` runs once the reply is stored; ``clear_box`` empties the message
-        box once the message is accepted.
+        box once the message is accepted. The reply's version is the one that serves
+        ``conversation_id`` (default: the session's conversation).
         """
         with session.lock:
             busy = session.generation is not None
@@ -58,7 +62,7 @@ class ReplyStreamer:
             return
         epoch = session.epoch
         try:
-            gen = self.engine.stream(messages, params)
+            gen = self._start(messages, params, conversation_id or session.conversation_id)
         except EngineBusy:
             session.generation = None
             yield self.view(session, error("The model is busy right now; try again in a moment. "
@@ -98,6 +102,16 @@ class ReplyStreamer:
             if not ended:  # the page went away (or an error): keep what was written
                 gen.cancel()
                 self._finish(session, epoch, gen, params, prefix, save, after, True)
+
+    def _start(self, messages: list[dict[str, str]], params: SamplingParams,
+               conversation_id: int | None) -> Any:
+        version = self.route(conversation_id)
+        if version is not None:
+            try:
+                return self.engine.stream(messages, params, version=version)
+            except AdapterError:  # the canary ended meanwhile: the active version answers
+                pass
+        return self.engine.stream(messages, params)
 
     def _finish(self, session: ChatSession, epoch: int, gen: Any, params: SamplingParams,
                 prefix: list[Message], save: Save, after: Callable[[Message], None] | None,
