@@ -6,6 +6,7 @@
     feedback-chat demo-model build           (re)build the offline demo model
     feedback-chat retrain --now [--wait]     run one training round
     feedback-chat adapters list | promote VERSION | rollback
+    feedback-chat canary status | promote | stop | rollback | history
 
 Heavy modules (torch, gradio) are imported only by the subcommands that need them,
 so `db` and `export` work from the store's own dependencies.
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(p, STORE_FLAGS)
     _add_setting_flags(adsub.add_parser("rollback", help="go back to the previous version"),
                        STORE_FLAGS)
+
+    ca = sub.add_parser("canary", help="the version on trial with a share of live chats")
+    casub = ca.add_subparsers(dest="canary_command", required=True)
+    for name, text in (("status", "its figures per version and the rule's verdict (JSON)"),
+                       ("promote", "serve it to everyone now"),
+                       ("stop", "end it; the version stays a candidate"),
+                       ("rollback", "end it and reject the version"),
+                       ("history", "ended canaries with their figures (JSON)")):
+        _add_setting_flags(casub.add_parser(name, help=text), STORE_FLAGS)
     return parser
 
 
@@ -165,8 +175,26 @@ def cmd_adapters(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_canary(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    canaries = _open_store(settings).canaries
+    if args.canary_command == "status":
+        status = canaries.check()
+        print(json.dumps(status.to_dict() if status else {"canary": None}, indent=2))
+        return 0
+    if args.canary_command == "history":
+        print(json.dumps(canaries.history(), indent=2))
+        return 0
+    outcome = {"promote": "promoted", "stop": "stopped", "rollback": "rolled back"}
+    ended = canaries.end_by_hand(outcome[args.canary_command], by=getpass.getuser())
+    print(f"canary {ended['version']} {ended['outcome']}: {ended['reason']}")
+    return 0
+
+
 COMMANDS = {"serve": cmd_serve, "db": cmd_db, "export": cmd_export,
-            "demo-model": cmd_demo_model, "retrain": cmd_retrain, "adapters": cmd_adapters}
+            "demo-model": cmd_demo_model, "retrain": cmd_retrain, "adapters": cmd_adapters,
+            "canary": cmd_canary}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,8 +58,9 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        self.env = {**os.environ, **env, "FEEDBACK_CHAT_API_KEYS": api_key,
-                    "TOKENIZERS_PARALLELISM": "false"}
+        # the canary is off: a round's gate decides alone (bench_canary measures the canary)
+        self.env = {**os.environ, "FEEDBACK_CHAT_CANARY_SHARE": "0", **env,
+                    "FEEDBACK_CHAT_API_KEYS": api_key, "TOKENIZERS_PARALLELISM": "false"}
         self.store_flags = ["--data-dir", str(data_dir), "--model", model]
         if device:
             self.store_flags += ["--device", device]

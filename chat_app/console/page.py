@@ -1,10 +1,12 @@
-"""The operator console: a ``gr.Blocks`` of four tabs over ``ConsoleContext`` handlers.
+"""The operator console: a ``gr.Blocks`` of five tabs over ``ConsoleContext`` handlers.
 
 Feedback (filtered, keyset-paged log; a row opens its whole conversation; export of the
 view as KTO/DPO JSONL), Training (retrain now, live run status and curves refreshed
 by a 2 s timer, gate metrics and reasons, errors, the schedule), Adapters (lineage,
-data size, gate metrics; promote and roll back) and Overview (feedback volume per
-day or hour by kind; thumbs-up rate per adapter version).
+data size, gate metrics; promote and roll back), Canary (the version on trial with a
+share of live chats: its figures per version, the rule and its verdict, the time left,
+refreshed by the timer; promote, stop or roll back by hand; ended canaries) and
+Overview (feedback volume per day or hour by kind; thumbs-up rate per adapter version).
 
 Every event is private to the page (``api_visibility="private"``): the console has
 no documented API, and ``mount_console`` puts the whole page behind the operator
@@ -25,6 +27,7 @@ from feedback_store.records import EVENT_KINDS
 from feedback_store.reports import feedback_facets
 
 from . import actions, plots, queries, runs
+from . import canary as canary_tab
 from .context import ConsoleContext, ConsoleError, context_from_services
 from .conversation import conversation_tree, render_conversation
 
@@ -83,6 +86,8 @@ def build_console(
                 training = _training_tab(ctx)
             with gr.Tab("Adapters", id="adapters"):
                 adapters = _adapters_tab(ctx)
+            with gr.Tab("Canary", id="canary"):
+                canary = _canary_tab(ctx)
             with gr.Tab("Overview", id="overview"):
                 overview = _overview_tab(ctx)
 
@@ -90,7 +95,7 @@ def build_console(
             return f"Signed in as **{runs.md(_user(request) or 'operator')}**."
 
         console.load(on_load, None, who, **PRIVATE)
-        for loader in (feedback, training, adapters, overview):
+        for loader in (feedback, training, adapters, canary, overview):
             console.load(loader[0], loader[1], loader[2], **PRIVATE)
     console.console_context = ctx  # type: ignore[attr-defined]  # read by mount_console
     return console
@@ -315,6 +320,46 @@ def _adapters_tab(ctx: ConsoleContext) -> Loader:
     promote_btn.click(on_promote, [pick], [notice, *outputs], **PRIVATE)
     rollback_btn.click(on_rollback, None, [notice, *outputs], **PRIVATE)
     refresh_btn.click(show, None, outputs, **PRIVATE)
+    return show, [], outputs
+
+
+def _canary_tab(ctx: ConsoleContext) -> Loader:
+    summary = gr.Markdown(elem_id="canary-summary")
+    counts = gr.Dataframe(_frame([], canary_tab.COUNT_HEADERS), interactive=False,
+                          label="Per version, over the canary's conversations",
+                          elem_id="canary-counts")
+    with gr.Row(equal_height=True):
+        promote_btn = gr.Button("Promote now", variant="primary", elem_id="canary-promote")
+        stop_btn = gr.Button("Stop (keep as candidate)", elem_id="canary-stop")
+        rollback_btn = gr.Button("Roll back (reject)", variant="stop", elem_id="canary-rollback")
+        refresh_btn = gr.Button("Refresh", size="sm", elem_id="canary-refresh")
+    notice = gr.Markdown(elem_id="canary-notice")
+    history = gr.Dataframe(_frame([], canary_tab.HISTORY_HEADERS), interactive=False,
+                           wrap=True, label="Ended canaries (newest first)",
+                           elem_id="canary-history")
+    timer = gr.Timer(TIMER_SECONDS * 5)
+    outputs = [summary, counts, history]
+
+    def show() -> tuple[Any, ...]:
+        text, rows, ended = canary_tab.canary_view(ctx)
+        return (text, _frame(rows, canary_tab.COUNT_HEADERS),
+                _frame(ended, canary_tab.HISTORY_HEADERS))
+
+    def act(action: str) -> Callable[..., tuple[Any, ...]]:
+        # Gradio passes the request only to a handler whose own signature asks for it.
+        def handler(request: gr.Request) -> tuple[Any, ...]:
+            result = canary_tab.end_canary(ctx, action, by=_user(request))
+            if not result.ok:
+                gr.Warning(result.message)
+            return (f"{'✓' if result.ok else '⚠️'} {runs.md(result.message)}", *show())
+
+        return handler
+
+    for button, action in ((promote_btn, "promote"), (stop_btn, "stop"),
+                           (rollback_btn, "rollback")):
+        button.click(act(action), None, [notice, *outputs], **PRIVATE)
+    refresh_btn.click(show, None, outputs, **PRIVATE)
+    timer.tick(show, None, outputs, **PRIVATE)
     return show, [], outputs
 
 
