@@ -40,8 +40,9 @@ def live_server(model_path: Path | str, data_dir: Path, *, device: str = "cpu",
     The canary share is FEEDBACK_CHAT_CANARY_SHARE's (tests set it) unless given."""
     overrides.setdefault("canary_share", float(os.environ.get("FEEDBACK_CHAT_CANARY_SHARE",
                                                               Settings.canary_share)))
+    overrides.setdefault("adapter_poll_seconds", 0.2)
     settings = replace(Settings(), data_dir=data_dir, model=str(model_path), port=free_port(),
-                       scheduler=False, adapter_poll_seconds=0.2, **overrides).validate()
+                       scheduler=False, **overrides).validate()
     engine = Engine.from_config(EngineConfig(model=str(model_path), device=device,
                                              max_concurrent=settings.max_concurrent,
                                              max_queued=settings.max_queued))

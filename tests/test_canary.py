@@ -3,6 +3,7 @@ decision rule, and the decisions applied (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -186,3 +187,40 @@ def test_a_change_of_active_version_stops_the_canary(store: FeedbackStore, tmp_p
     assert ended is not None and ended["outcome"] == "stopped"
     assert "active version changed from v0001 to base" in ended["reason"]
     assert store.registry.get_version("v0002").status == "candidate"
+
+
+def test_console_and_cli_show_the_canary_and_end_it(store: FeedbackStore, tmp_path,
+                                                    db_url: str, capsys) -> None:
+    from chat_app.cli import main as cli_main
+    from chat_app.console import canary as tab
+    from chat_app.console.context import ConsoleContext
+
+    ctx = ConsoleContext(store=store, retrain_settings=lambda: {}, export_dir=tmp_path / "x")
+    text, rows, ended = tab.canary_view(ctx)
+    assert text.startswith("No canary is running") and rows == [] and ended == []
+    assert not tab.end_canary(ctx, "stop").ok
+    _versions(store, tmp_path)
+    state = store.canaries.start("v0002", FAST)
+    _rate_many(store, state, {"v0001": 0.5, "v0002": 0.5}, 8)
+    text, rows, _ = tab.canary_view(ctx)
+    assert "Canary v0002" in text and "against **v0001**" in text and "left" in text
+    assert "waiting for 10 ratings on each version" in text
+    assert [r[:2] for r in rows] == [["v0001", "active"], ["v0002", "canary"]]
+    assert sum(r[3] for r in rows) == 8  # every rated reply counted once
+    flags = ["--database-url", db_url]
+    assert cli_main(["canary", "status", *flags]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["version"] == "v0002" and status["decision"] == "continue"
+    assert cli_main(["canary", "stop", *flags]) == 0
+    assert "canary v0002 stopped: stopped by hand" in capsys.readouterr().out
+    assert store.registry.get_version("v0002").status == "candidate"
+    assert cli_main(["canary", "rollback", *flags]) == 1  # nothing runs now: a clear error
+    assert "no canary is running" in capsys.readouterr().err
+    store.canaries.start("v0002", FAST)
+    result = tab.end_canary(ctx, "promote", by="ops")
+    assert result.ok and "promoted" in result.message
+    assert store.registry.active_version().version == "v0002"
+    _, _, ended = tab.canary_view(ctx)
+    assert [e[:2] for e in ended] == [["v0002", "promoted"], ["v0002", "stopped"]]
+    assert cli_main(["canary", "history", *flags]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["outcome"] == "promoted"

@@ -11,6 +11,7 @@ Needs Debian's Chromium at /usr/bin/chromium (``apt-get install chromium``).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from tiny_models import make_tiny_model
 from chat_app.console import CONSOLE_PATH, mount_console
 from chat_app.server import create_app
 from feedback_store import FeedbackStore, RowFilter, build_dpo_rows
+from feedback_store.canary import CanaryConfig
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -218,6 +220,25 @@ def test_an_operator_reviews_feedback_retrains_rolls_back_and_exports(
     assert store.registry.active_version() is None
     wait_for("the server to swap back", lambda: engine.active_version == "base")
     page.screenshot(path=str(root / "console-adapters.png"), full_page=True)
+
+    # Canary: a candidate on trial with half of the new chats; the tab follows it by itself
+    # (its timer); the operator rolls it back.
+    trial = shutil.copytree(store.registry.get_version(version).path, root / "trial-adapter")
+    store.registry.register_version(version="v0900", path=str(trial))
+    page.click("button[role=tab]:has-text('Canary')")
+    wait_for("the empty canary tab", lambda: "No canary is running" in page.inner_text(
+        "#canary-summary"))
+    store.canaries.start("v0900", CanaryConfig(share=0.5))
+    wait_for("the canary on the page", lambda: "Canary v0900" in page.inner_text(
+        "#canary-summary"), timeout=30)
+    assert "canary" in page.inner_text("#canary-counts")
+    wait_for("the server to load the canary", lambda: "v0900" in engine.loaded_versions())
+    page.screenshot(path=str(root / "console-canary.png"), full_page=True)
+    page.click("#canary-rollback")
+    wait_for("the canary's end", lambda: "rolled back" in page.inner_text("#canary-notice"))
+    assert store.registry.get_version("v0900").status == "rejected"
+    assert "rolled back by hand by ops" in page.inner_text("#canary-history")
+    wait_for("the server to unload it", lambda: "v0900" not in engine.loaded_versions())
 
     # Export the filtered view as DPO rows and download it.
     page.click("button[role=tab]:has-text('Feedback')")
