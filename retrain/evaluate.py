@@ -1,22 +1,12 @@
-"""Evaluate an adapter on held-out feedback and on replies it generates, and gate it.
+"""The evaluation gate: does a candidate adapter give better replies than the active one?
 
-Two evaluations live here. :func:`evaluate_adapter` gives the implicit-reward metrics
-of one adapter on held-out rows plus greedy canary replies (kept for information and
-for training tests). :func:`evaluate_behaviour` is what the gate judges: it samples
-replies from the candidate and from the active version on held-out prompts, scores
-them with a reward model trained on the training split's feedback
-(:mod:`retrain.reward_model`), and measures KL and degenerate replies;
-:func:`gate_decision` turns that into promote / hold / reject with reasons.
-
-Implicit reward (DPO's, also KTO's): ``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))``
-with log-probabilities summed over the completion's tokens, ``pi`` the base + adapter
-and ``pi_ref`` the base (the adapter disabled). The bare base therefore has reward 0
-everywhere; an adapter's rewards say how far it moved toward or away from each reply.
-
-Canaries are fixed generic prompts. Each is answered greedily by the policy; the
-report gives the mean per-token ``KL(pi || pi_ref)`` over the reply tokens (how far
-the adapter drifted on ordinary chat) and the share of replies that are empty or
-degenerate (:func:`is_degenerate`).
+:func:`evaluate_behaviour` samples replies from the candidate and from the active
+version on held-out prompts (and a few fixed generic prompts) as the chat server
+would, scores them with a reward model trained on the training split's feedback
+(:mod:`retrain.reward_model`), and measures KL from the base and degenerate replies
+(:func:`is_degenerate`); :func:`gate_decision` turns that into promote / hold / reject
+with reasons. The implicit rewards of both versions on the held-out rows
+(:mod:`retrain.implicit`) are reported for information only.
 """
 
 from __future__ import annotations
@@ -28,16 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from feedback_store.datasets import prompt_key
 from retrain import modeling
-from retrain.losses import sequence_logps
+from retrain.implicit import implicit_metrics
 from retrain.reward_model import ScorerAccuracy, last_user_text, train_reward_model
 from retrain.sampling import encode_prompt, kl_to_base, sample_replies, stop_token_ids
 
-DEFAULT_CANARY_PROMPTS: list[list[dict]] = [
+FIXED_PROMPTS: list[list[dict]] = [
     [{"role": "user", "content": "Hello! How are you today?"}],
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Give me three short tips for sleeping better."}],
@@ -79,228 +66,8 @@ def is_degenerate(text: str, *, threshold: float = DEGENERATE_THRESHOLD) -> bool
     return score > threshold
 
 
-@dataclass(frozen=True)
-class EvalReport:
-    """Metrics of one adapter (or of the bare base, where every reward is 0).
-
-    ``pair_accuracy``: share of held-out pairs whose chosen reply gets the higher
-    implicit reward (a tie counts one half, so the base scores 0.5); ``pair_margin``:
-    mean reward margin chosen - rejected; ``pair_logp_margin``: mean policy log-prob
-    margin chosen - rejected (not relative to the base). ``kto_separation``: mean reward
-    of desirable minus undesirable held-out thumbs (None unless both are present);
-    ``kto_logp_separation`` the same with policy log-probs. ``canary_kl`` in nats per
-    token; ``degenerate_share`` in [0, 1]; ``canary_replies`` the decoded replies.
-    """
-
-    pair_accuracy: float | None
-    pair_margin: float | None
-    kto_separation: float | None
-    canary_kl: float
-    degenerate_share: float
-    n_pairs: int
-    n_thumbs: int
-    n_canary: int
-    pair_logp_margin: float | None = None
-    kto_logp_separation: float | None = None
-    canary_replies: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict of every field (replies as a list)."""
-        out = asdict(self)
-        out["canary_replies"] = list(self.canary_replies)
-        return out
-
-
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
-
-
-class _Scorer:
-    """Completion log-probs under the policy and the reference, in batches."""
-
-    def __init__(
-        self, model: Any, tokenizer: Any, has_adapter: bool, batch_size: int, max_length: int
-    ) -> None:
-        self.model, self.has_adapter, self.batch_size = model, has_adapter, batch_size
-        self.pad_id = tokenizer.pad_token_id
-        self.max_length = max_length
-        self.device = next(model.parameters()).device
-
-    def logps(self, turns: Sequence[modeling.Turn]) -> tuple[list[float], list[float]]:
-        """``(policy_logps, reference_logps)``, one per turn; equal without an adapter."""
-        policy: list[float] = []
-        reference: list[float] = []
-        for start in range(0, len(turns), self.batch_size):
-            chunk = turns[start : start + self.batch_size]
-            batch = modeling.collate(
-                [(t.prompt_ids, t.completion_ids) for t in chunk],
-                pad_id=self.pad_id,
-                max_length=self.max_length,
-                device=self.device,
-            )
-            with torch.no_grad():
-                pol = sequence_logps(modeling.forward_logits(self.model, batch), batch.labels)
-                if self.has_adapter:
-                    with self.model.disable_adapter():
-                        ref = sequence_logps(
-                            modeling.forward_logits(self.model, batch), batch.labels
-                        )
-                else:
-                    ref = pol
-            policy += pol.tolist()
-            reference += ref.tolist()
-        return policy, reference
-
-
-def _pair_metrics(
-    scorer: _Scorer, pairs: list[modeling.DPOExample], beta: float
-) -> tuple[float | None, float | None, float | None]:
-    if not pairs:
-        return None, None, None
-    pol_c, ref_c = scorer.logps([p.chosen for p in pairs])
-    pol_r, ref_r = scorer.logps([p.rejected for p in pairs])
-    margins = [
-        beta * ((pc - rc) - (pr - rr))
-        for pc, rc, pr, rr in zip(pol_c, ref_c, pol_r, ref_r, strict=True)
-    ]
-    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
-    logp_margin = _mean([c - r for c, r in zip(pol_c, pol_r, strict=True)])
-    return _mean(wins), _mean(margins), logp_margin
-
-
-def _thumb_metrics(
-    scorer: _Scorer, thumbs: list[modeling.KTOExample], beta: float
-) -> tuple[float | None, float | None]:
-    good = [e.turn for e in thumbs if e.desirable]
-    bad = [e.turn for e in thumbs if not e.desirable]
-    if not good or not bad:
-        return None, None
-    pol_g, ref_g = scorer.logps(good)
-    pol_b, ref_b = scorer.logps(bad)
-    reward_g = _mean([beta * (p - r) for p, r in zip(pol_g, ref_g, strict=True)])
-    reward_b = _mean([beta * (p - r) for p, r in zip(pol_b, ref_b, strict=True)])
-    return reward_g - reward_b, _mean(pol_g) - _mean(pol_b)
-
-
-def _canaries(
-    model: Any, tokenizer: Any, prompts: list[list[dict]], has_adapter: bool, max_new_tokens: int
-) -> tuple[float, list[str]]:
-    """Greedy replies to ``prompts`` and the mean per-token KL(policy || base) on them:
-    ``KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))`` averaged over all reply tokens."""
-    device = next(model.parameters()).device
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    turns: list[tuple[list[int], list[int]]] = []
-    for messages in prompts:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids], device=device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-            )
-        reply = out[0, len(prompt_ids) :].tolist()
-        if eos_id is not None and eos_id in reply:
-            reply = reply[: reply.index(eos_id) + 1]
-        turns.append((prompt_ids, reply))
-    replies = [tokenizer.decode(reply, skip_special_tokens=True) for _, reply in turns]
-    if not has_adapter:
-        return 0.0, replies
-    total, count = 0.0, 0
-    for prompt_ids, reply in turns:
-        if not reply:
-            continue
-        batch = modeling.collate(
-            [(prompt_ids, reply)],
-            pad_id=pad_id,
-            max_length=len(prompt_ids) + len(reply),
-            device=device,
-        )
-        mask = batch.labels[:, 1:] != modeling.IGNORE_INDEX
-        with torch.no_grad():
-            log_p = F.log_softmax(modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1)
-            with model.disable_adapter():
-                log_q = F.log_softmax(
-                    modeling.forward_logits(model, batch)[:, :-1][mask].float(), -1
-                )
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        total += kl.sum().item()
-        count += kl.numel()
-    return (total / count if count else 0.0), replies
-
-
-def evaluate_adapter(
-    *,
-    base_model: str,
-    adapter_path: Path | None,
-    heldout_kto: list[dict],
-    heldout_dpo: list[dict],
-    canary_prompts: list[list[dict]],
-    beta: float = 0.1,
-    max_new_tokens: int = 48,
-    seed: int = 0,
-    device: str | None = None,
-    quantize_4bit: bool | None = None,
-    batch_size: int = 8,
-    max_length: int = 512,
-) -> EvalReport:
-    """Score ``adapter_path`` (None = the bare base) on held-out rows and canaries.
-
-    Rows are TRL conversational rows as for training; canaries are lists of messages
-    (:data:`DEFAULT_CANARY_PROMPTS` for a generic set). Replies are greedy, so the
-    report is deterministic for a given device (``seed`` fixes the rest). The model
-    loads as it is served: 4-bit on CUDA unless ``quantize_4bit`` says otherwise.
-    Compare two adapters only on reports from the same rows and canaries.
-    """
-    problems = []
-    if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
-        problems.append(f"beta must be a finite number > 0, got {beta!r}")
-    for name, value, low in (
-        ("max_new_tokens", max_new_tokens, 1),
-        ("batch_size", batch_size, 1),
-        ("max_length", max_length, 2),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"{name} must be an int >= {low}, got {value!r}")
-    if not isinstance(canary_prompts, list):
-        problems.append("canary_prompts must be a list of message lists")
-    if problems:
-        raise ValueError("invalid evaluation settings: " + "; ".join(problems))
-    for i, messages in enumerate(canary_prompts):
-        modeling.check_messages(messages, "messages", f"canary prompt {i}")
-    torch_device = modeling.resolve_device(device)
-    quantize = modeling.resolve_quantize(quantize_4bit, torch_device)
-    tokenizer = modeling.load_tokenizer(base_model)
-    thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
-    pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
-    torch.manual_seed(seed)
-    model = modeling.load_eval_model(
-        base_model, adapter_path=adapter_path, device=torch_device, quantize_4bit=quantize
-    )
-    has_adapter = adapter_path is not None
-    scorer = _Scorer(model, tokenizer, has_adapter, batch_size, max_length)
-    accuracy, margin, logp_margin = _pair_metrics(scorer, pairs, beta)
-    separation, logp_separation = _thumb_metrics(scorer, thumbs, beta)
-    canary_kl, replies = _canaries(model, tokenizer, canary_prompts, has_adapter, max_new_tokens)
-    degenerate = sum(is_degenerate(r) for r in replies)
-    return EvalReport(
-        pair_accuracy=accuracy,
-        pair_margin=margin,
-        kto_separation=separation,
-        canary_kl=canary_kl,
-        degenerate_share=degenerate / len(replies) if replies else 0.0,
-        n_pairs=len(pairs),
-        n_thumbs=len(thumbs),
-        n_canary=len(replies),
-        pair_logp_margin=logp_margin,
-        kto_logp_separation=logp_separation,
-        canary_replies=tuple(replies),
-    )
-
 
 
 # ------------------------------------------------------------------------ the gate
@@ -375,13 +142,13 @@ class BehaviourReport:
 
     Rows and prompts: ``n_heldout_thumbs`` / ``n_heldout_pairs`` held-out rows,
     ``n_heldout_prompts`` distinct held-out prompts of which ``n_prompts`` were sampled
-    (``samples_per_prompt`` replies each, plus ``n_canary`` fixed canary prompts used
+    (``samples_per_prompt`` replies each, plus ``n_fixed`` fixed generic prompts used
     for KL and degeneration only). ``scorer``: the feedback-trained scorer's held-out
     accuracy. Scores are mean ``P(thumbs up)`` by that scorer; ``score_diff`` the mean
     over prompts of (candidate - active), ``score_lower_bound`` that minus
     ``confidence_z`` standard errors (None under two prompts). ``kl`` / ``active_kl``
     nats per token from the base. ``implicit`` holds the implicit-reward metrics of
-    :class:`EvalReport` on the held-out rows (``active/`` keys for the active version),
+    :func:`retrain.implicit.implicit_metrics` on the held-out rows (``active/`` keys for the active version),
     for information only. ``samples`` maps prompt text to one candidate and one active
     reply, for people to read.
     """
@@ -392,7 +159,7 @@ class BehaviourReport:
     n_heldout_prompts: int
     n_prompts: int
     samples_per_prompt: int
-    n_canary: int
+    n_fixed: int
     scorer: ScorerAccuracy
     n_train_rows: int
     candidate_score: float | None
@@ -447,20 +214,6 @@ def _heldout_prompts(kto: Sequence[dict], dpo: Sequence[dict], cap: int) -> tupl
     return [first[k] for k in order[:cap]], len(first)
 
 
-def _implicit(model: Any, tokenizer: Any, thumbs: list, pairs: list, beta: float,
-              adapter: str | None, batch_size: int, max_length: int) -> dict[str, float | None]:
-    """Implicit-reward metrics of ``adapter`` (None: the base, all neutral)."""
-    if adapter is None:
-        return {"pair_accuracy": 0.5 if pairs else None, "pair_margin": 0.0 if pairs else None,
-                "kto_separation": 0.0 if thumbs and len({t.desirable for t in thumbs}) == 2
-                else None}
-    model.set_adapter(adapter)
-    scorer = _Scorer(model, tokenizer, True, batch_size, max_length)
-    accuracy, margin, _ = _pair_metrics(scorer, pairs, beta)
-    separation, _ = _thumb_metrics(scorer, thumbs, beta)
-    return {"pair_accuracy": accuracy, "pair_margin": margin, "kto_separation": separation}
-
-
 def evaluate_behaviour(
     *,
     base_model: str,
@@ -471,7 +224,7 @@ def evaluate_behaviour(
     heldout_kto: list[dict],
     heldout_dpo: list[dict],
     config: GateConfig = GateConfig(),
-    canary_prompts: list[list[dict]] = DEFAULT_CANARY_PROMPTS,
+    fixed_prompts: list[list[dict]] = FIXED_PROMPTS,
     beta: float = 0.1,
     device: str | None = None,
     quantize_4bit: bool | None = None,
@@ -489,16 +242,16 @@ def evaluate_behaviour(
     2. The model loads as served (4-bit NF4 on CUDA unless ``quantize_4bit`` says
        otherwise; prompts cut to ``max_input_tokens`` by dropping the oldest turns),
        with both adapters side by side. Each distinct held-out prompt (at most
-       ``config.max_prompts``) and each canary prompt gets ``config.samples_per_prompt``
+       ``config.max_prompts``) and each fixed prompt gets ``config.samples_per_prompt``
        sampled replies from each version, with the same seed per prompt for both.
     3. Held-out replies are scored; per prompt ``d_i = mean candidate score - mean
        active score``; ``score_diff = mean(d)``, ``score_lower_bound = mean(d) - z *
        sd(d) / sqrt(n)`` (normal approximation, ``z = config.confidence_z``, sd with
-       n - 1). KL and degenerate shares cover all sampled replies (held-out + canary).
+       n - 1). KL and degenerate shares cover all sampled replies (held-out + fixed).
     """
     config.validate()
-    for i, messages in enumerate(canary_prompts):
-        modeling.check_messages(messages, "messages", f"canary prompt {i}")
+    for i, messages in enumerate(fixed_prompts):
+        modeling.check_messages(messages, "messages", f"fixed prompt {i}")
     torch_device = modeling.resolve_device(device)
     quantize = modeling.resolve_quantize(quantize_4bit, torch_device)
     tokenizer = modeling.load_tokenizer(base_model)
@@ -514,12 +267,13 @@ def evaluate_behaviour(
         model.load_adapter(str(active_path), adapter_name="active")
     model.requires_grad_(False)  # set_adapter would otherwise mark an adapter trainable
     stops = stop_token_ids(model, tokenizer)
-    implicit = _implicit(model, tokenizer, thumbs, pairs, beta, "default", batch_size, max_length)
-    active_implicit = _implicit(model, tokenizer, thumbs, pairs, beta,
+    implicit = implicit_metrics(model, tokenizer, thumbs, pairs, beta, "default", batch_size,
+                                max_length)
+    active_implicit = implicit_metrics(model, tokenizer, thumbs, pairs, beta,
                                 "active" if active_path is not None else None, batch_size,
                                 max_length)
 
-    everything = [*prompts, *canary_prompts]
+    everything = [*prompts, *fixed_prompts]
     prompt_ids = [encode_prompt(tokenizer, messages, max_input_tokens) for messages in everything]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -576,7 +330,7 @@ def evaluate_behaviour(
         n_heldout_prompts=n_distinct,
         n_prompts=len(prompts),
         samples_per_prompt=config.samples_per_prompt,
-        n_canary=len(canary_prompts),
+        n_fixed=len(fixed_prompts),
         scorer=scorer_acc,
         n_train_rows=len(train_kto) + len(train_dpo),
         candidate_score=_mean(cand_scores) if cand_scores else None,

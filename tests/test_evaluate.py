@@ -16,15 +16,15 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from retrain.evaluate import (
-    DEFAULT_CANARY_PROMPTS,
+    FIXED_PROMPTS,
     BehaviourReport,
     GateConfig,
-    evaluate_adapter,
     evaluate_behaviour,
     gate_decision,
     is_degenerate,
     repeated_ngram_fraction,
 )
+from retrain.implicit import implicit_report
 from retrain.modeling import InvalidRowError
 from retrain.reward_model import ScorerAccuracy, train_reward_model
 
@@ -84,33 +84,19 @@ def _completion_logp(model, tokenizer, messages: list[dict], completion: list[di
 
 
 def test_bare_base_scores_neutral(tiny: Path):
-    report = evaluate_adapter(
-        base_model=str(tiny),
-        adapter_path=None,
-        heldout_kto=THUMBS,
-        heldout_dpo=[PAIR, PAIR],
-        canary_prompts=DEFAULT_CANARY_PROMPTS[:2],
-        max_new_tokens=8,
-    )
+    report = implicit_report(base_model=str(tiny), adapter_path=None, heldout_kto=THUMBS,
+                             heldout_dpo=[PAIR, PAIR])
     assert report.pair_accuracy == 0.5  # every pair is a tie against itself
     assert report.pair_margin == 0.0 and report.kto_separation == 0.0
-    assert report.canary_kl == 0.0
-    assert (report.n_pairs, report.n_thumbs, report.n_canary) == (2, 2, 2)
-    assert len(report.canary_replies) == 2
+    assert (report.n_pairs, report.n_thumbs) == (2, 2)
     json.dumps(report.to_dict())
 
 
 def test_pair_margin_is_the_implicit_reward_margin(tiny: Path, tmp_path: Path):
     adapter = _save_adapter(tiny, tmp_path / "random", random_b=True)
     beta = 0.25
-    report = evaluate_adapter(
-        base_model=str(tiny),
-        adapter_path=adapter,
-        heldout_kto=THUMBS,
-        heldout_dpo=[PAIR],
-        canary_prompts=[],
-        beta=beta,
-    )
+    report = implicit_report(base_model=str(tiny), adapter_path=adapter, heldout_kto=THUMBS,
+                             heldout_dpo=[PAIR], beta=beta)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), adapter)
@@ -130,49 +116,23 @@ def test_pair_margin_is_the_implicit_reward_margin(tiny: Path, tmp_path: Path):
     assert report.kto_separation == pytest.approx(expected, abs=1e-4)  # same two replies
 
 
-def test_canary_kl_is_zero_for_an_untrained_adapter_and_positive_for_a_moved_one(
-    tiny: Path, tmp_path: Path
-):
-    common = dict(
-        base_model=str(tiny),
-        heldout_kto=[],
-        heldout_dpo=[],
-        canary_prompts=DEFAULT_CANARY_PROMPTS[:3],
-        max_new_tokens=12,
-    )
-    base = evaluate_adapter(adapter_path=None, **common)
-    untrained = evaluate_adapter(
-        adapter_path=_save_adapter(tiny, tmp_path / "z", random_b=False), **common
-    )
-    moved = evaluate_adapter(
-        adapter_path=_save_adapter(tiny, tmp_path / "r", random_b=True), **common
-    )
-    assert untrained.canary_kl == pytest.approx(0.0, abs=1e-6)
-    assert untrained.canary_replies == base.canary_replies
-    assert moved.canary_kl > 1e-3
-    assert moved.pair_accuracy is None and moved.kto_separation is None
-
-
 def test_one_class_thumbs_give_no_separation(tiny: Path):
-    report = evaluate_adapter(
-        base_model=str(tiny),
-        adapter_path=None,
-        heldout_kto=THUMBS[:1],
-        heldout_dpo=[],
-        canary_prompts=[],
-    )
+    report = implicit_report(base_model=str(tiny), adapter_path=None, heldout_kto=THUMBS[:1],
+                             heldout_dpo=[])
     assert report.kto_separation is None and report.pair_accuracy is None
-    assert report.n_canary == 0 and report.degenerate_share == 0.0
 
 
-def test_bad_evaluation_input_raises_typed_errors(tiny: Path):
-    common = dict(base_model=str(tiny), adapter_path=None, heldout_kto=[], heldout_dpo=[])
-    with pytest.raises(ValueError, match="beta.*max_new_tokens"):
-        evaluate_adapter(canary_prompts=[], beta=0.0, max_new_tokens=0, **common)
-    with pytest.raises(InvalidRowError, match="canary prompt 1"):
-        evaluate_adapter(canary_prompts=[DEFAULT_CANARY_PROMPTS[0], [{"role": "user"}]], **common)
+def test_bad_evaluation_input_raises_typed_errors(tiny: Path, tmp_path: Path):
+    common = dict(base_model=str(tiny), heldout_kto=[], heldout_dpo=[])
+    with pytest.raises(ValueError, match="beta.*batch_size"):
+        implicit_report(adapter_path=None, beta=0.0, batch_size=0, **common)
     with pytest.raises(FileNotFoundError):
-        evaluate_adapter(canary_prompts=[], **common | {"adapter_path": Path("/nonexistent")})
+        implicit_report(adapter_path=Path("/nonexistent"), **common)
+    adapter = _save_adapter(tiny, tmp_path / "zero", random_b=False)
+    with pytest.raises(InvalidRowError, match="fixed prompt 1"):
+        evaluate_behaviour(base_model=str(tiny), candidate_path=adapter, active_path=None,
+                           train_kto=[], train_dpo=[], heldout_kto=[], heldout_dpo=[],
+                           fixed_prompts=[FIXED_PROMPTS[0], [{"role": "user"}]], device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -295,7 +255,7 @@ def rule_rows() -> dict[str, list[dict]]:
 def _behaviour(tiny: Path, candidate: Path, active: Path | None, rows: dict,
                config: GateConfig = SMALL_GATE) -> BehaviourReport:
     return evaluate_behaviour(base_model=str(tiny), candidate_path=candidate, active_path=active,
-                              config=config, canary_prompts=DEFAULT_CANARY_PROMPTS[:2],
+                              config=config, fixed_prompts=FIXED_PROMPTS[:2],
                               device="cpu", **rows)
 
 
@@ -355,7 +315,7 @@ def test_random_feedback_gives_a_hold_for_inconsistent_ratings(tiny: Path, tmp_p
 def _report(**kwargs) -> BehaviourReport:
     fields = dict(
         active_label="v0002", n_heldout_thumbs=30, n_heldout_pairs=12, n_heldout_prompts=20,
-        n_prompts=20, samples_per_prompt=4, n_canary=6,
+        n_prompts=20, samples_per_prompt=4, n_fixed=6,
         scorer=ScorerAccuracy(0.8, 0.75, 0.9, 30, 12), n_train_rows=200,
         candidate_score=0.61, active_score=0.52, score_diff=0.09, score_lower_bound=0.04,
         confidence_z=1.96, kl=0.12, active_kl=0.05, degenerate_share=0.0,

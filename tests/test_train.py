@@ -20,7 +20,7 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from retrain import modeling
-from retrain.evaluate import evaluate_adapter
+from retrain.implicit import implicit_report
 from retrain.losses import sequence_logps
 from retrain.train import (
     RoundResult,
@@ -152,8 +152,8 @@ def test_saved_adapter_loads_with_peft_and_changes_the_model(tiny: Path, tmp_pat
 
 def test_dpo_round_raises_heldout_preference_margin(tiny: Path, tmp_path: Path):
     heldout = dpo_rows(HELDOUT_TOPICS)
-    common = dict(base_model=str(tiny), heldout_kto=[], heldout_dpo=heldout, canary_prompts=[])
-    before = evaluate_adapter(adapter_path=None, **common)
+    common = dict(base_model=str(tiny), heldout_kto=[], heldout_dpo=heldout)
+    before = implicit_report(adapter_path=None, **common)
     out = tmp_path / "dpo"
     result = _round(
         tiny,
@@ -161,7 +161,7 @@ def test_dpo_round_raises_heldout_preference_margin(tiny: Path, tmp_path: Path):
         dpo_rows=dpo_rows(TRAIN_TOPICS),
         config=TrainConfig(learning_rate=1e-3, dpo_steps=20, epochs=10),
     )
-    after = evaluate_adapter(adapter_path=out, **common)
+    after = implicit_report(adapter_path=out, **common)
 
     assert result.metrics["dpo/steps"] == 20
     assert before.pair_margin == 0.0 and before.pair_accuracy == 0.5
@@ -177,14 +177,14 @@ def test_kto_round_raises_heldout_thumb_separation(tiny: Path, tmp_path: Path):
         for t in HELDOUT_TOPICS
         for f in (polite, rude)
     ]
-    common = dict(base_model=str(tiny), heldout_kto=heldout, heldout_dpo=[], canary_prompts=[])
-    before = evaluate_adapter(adapter_path=None, **common)
+    common = dict(base_model=str(tiny), heldout_kto=heldout, heldout_dpo=[])
+    before = implicit_report(adapter_path=None, **common)
     out = tmp_path / "kto"
     train = kto_rows(TRAIN_TOPICS) + kto_rows(list(reversed(TRAIN_TOPICS)))
     _round(
         tiny, out, kto_rows=train, config=TrainConfig(learning_rate=1e-3, kto_steps=20, epochs=10)
     )
-    after = evaluate_adapter(adapter_path=out, **common)
+    after = implicit_report(adapter_path=out, **common)
 
     assert before.kto_separation == 0.0
     assert after.kto_separation > 0.5

@@ -224,7 +224,7 @@ def _training_tab(ctx: ConsoleContext) -> Loader:
                                   color="phase", title="Reward margin (chosen - rejected)",
                                   elem_id="margin-plot", height=260)
     gate = gr.Dataframe(_frame([], ["metric", "candidate", "active"]), interactive=False,
-                        label="Gate metrics (held-out feedback and canary prompts)",
+                        label="Gate metrics (sampled replies on held-out prompts, held-out feedback)",
                         elem_id="gate-table")
     error = gr.Textbox(label="Error", lines=8, interactive=False, visible=False,
                        elem_id="run-error")
