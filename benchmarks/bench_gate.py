@@ -18,8 +18,13 @@ Truth: the judge's mean score of 4 sampled replies to each held-out prompt (ques
 user rated), against the base's on the same prompts; "better" means a rise of at least
 0.05 and 2 standard errors (paired by prompt), with KL from the base <= 0.3 nats/token and
 no more degenerate replies than the base plus 0.05. The gate is ``evaluate_behaviour`` +
-``gate_decision`` with the default ``GateConfig``. Agreement: the gate promotes exactly the
-candidates that are better.
+``gate_decision`` with the default ``GateConfig``.
+
+Verdicts: ``no-op``, ``collapsed`` and ``random`` must never be promoted, whatever their
+score (a random-label round can drift toward a judge by chance: the feedback gave no
+evidence of it); ``default`` and ``second-seed`` should be promoted exactly when the
+truth says they are better. Agreement is the share of candidates where the gate did what
+its verdict asks; "better promoted" the share of truly better recipe candidates promoted.
 
     python benchmarks/bench_gate.py [--model DIR] [--judges concise,calm] [--json FILE]
 """
@@ -77,6 +82,9 @@ def _truth(model, tokenizer, prompts, judge, base_scores, base_degenerate, is_pe
     return sum(scores) / len(scores), mean, kl, degenerate, better, scores
 
 
+MUST_NOT_PROMOTE = ("no-op", "collapsed", "random")
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
     from peft import PeftModel
@@ -128,14 +136,17 @@ def run(args: argparse.Namespace) -> dict:
                     AutoModelForCausalLM.from_pretrained(model_dir), str(out)).eval()
                 score, rise, kl, deg, better, _ = _truth(model, tokenizer, heldout, judge,
                                                          base_scores, base_deg, True)
-                agree = (decision == "promote") == better
+                must_not = cand in MUST_NOT_PROMOTE
+                agree = (decision != "promote") if must_not else (decision == "promote") == better
                 seconds = time.perf_counter() - t0
                 results.append({"judge": name, "candidate": cand, "base": base_mean,
                                 "score": score, "rise": rise, "kl": kl, "degenerate": deg,
-                                "truth_better": better, "gate": decision, "agree": agree,
+                                "truth_better": better, "must_not_promote": must_not,
+                                "gate": decision, "agree": agree,
                                 "reasons": reasons, "seconds": seconds})
                 rows.append([name, cand, f"{base_mean:.3f}", f"{score:.3f}", f"{rise:+.3f}",
-                             f"{kl:.3f}", f"{deg:.2f}", "better" if better else "not",
+                             f"{kl:.3f}", f"{deg:.2f}",
+                             "never" if must_not else "better" if better else "not",
                              decision, "yes" if agree else "NO", f"{seconds:.0f}"])
                 print(f"[{name}/{cand}] {decision}: {reasons[0][:200]}", file=sys.stderr,
                       flush=True)
@@ -143,8 +154,8 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     print_table(["judge", "candidate", "base", "score", "rise", "KL", "degen.", "truth",
                  "gate", "agree", "s"], rows)
-    better = [r for r in results if r["truth_better"]]
-    bad = [r for r in results if r["candidate"] in ("collapsed", "random", "no-op")]
+    better = [r for r in results if r["truth_better"] and not r["must_not_promote"]]
+    bad = [r for r in results if r["must_not_promote"]]
     summary = {
         "agreement": sum(r["agree"] for r in results) / len(results),
         "better_promoted": (sum(r["gate"] == "promote" for r in better) / len(better)
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model folder (default: the demo model, built "
                         "into ./data when missing)")
-    parser.add_argument("--judges", default="concise,calm")
+    parser.add_argument("--judges", default="concise,calm,on_subject")
     parser.add_argument("--ratings", type=int, default=240)
     parser.add_argument("--heldout", type=int, default=24)
     parser.add_argument("--flip", type=float, default=0.1)
