@@ -1,8 +1,9 @@
 """The retraining schedule (APScheduler 3, a background interval job).
 
 Every ``interval_minutes`` the job starts a round when the schedule is not paused,
-no run is in progress anywhere, and at least ``min_feedback`` feedback events
-arrived since the newest event the last finished round saw. The schedule's state
+no run is in progress anywhere, no canary is on trial (its live ratings decide first;
+a round that passed the gate would replace it), and at least ``min_feedback`` feedback
+events arrived since the newest event the last finished round saw. The schedule's state
 (interval, minimum, paused) lives in the store, so the console can change it and
 every replica's scheduler agrees; only one round runs at a time whatever fires.
 """
@@ -105,6 +106,8 @@ class RetrainScheduler:
                 outcome = "paused"
             elif self.registry.current_run() is not None:
                 outcome = "a run is already in progress"
+            elif (canary := self.store.canaries.current()) is not None:
+                outcome = f"waiting: canary {canary.version} is on trial with live chats"
             else:
                 pending = self.pending_feedback()
                 if pending < state.min_feedback:

@@ -67,6 +67,20 @@ def test_counts_feedback_since_the_last_finished_round(setup):
     assert sched.pending_feedback() == 24
 
 
+def test_a_canary_on_trial_holds_scheduled_rounds_back(setup, tmp_path):
+    from feedback_store.canary import CanaryConfig
+
+    store, settings, sched = setup
+    seed_preferences(store, rounds=1)
+    (tmp_path / "v0001").mkdir()
+    store.registry.register_version(version="v0001", path=str(tmp_path / "v0001"))
+    store.canaries.start("v0001", CanaryConfig())
+    assert sched.tick() == "waiting: canary v0001 is on trial with live chats"
+    assert store.registry.list_runs() == []
+    store.canaries.end_by_hand("stopped")
+    assert sched.tick().startswith("started run")
+
+
 def test_pause_resume_and_changes_are_shared_through_the_store(setup):
     store, settings, sched = setup
     seed_preferences(store, rounds=1)

@@ -72,8 +72,9 @@ class ChatHandlers:
 
     def view(self, session: ChatSession, notice: Notice | None = None, **kw: Any) -> PageUpdate:
         """The page for ``session`` as it stands (keyword args as in ``page_view``)."""
+        version = self._route(session.conversation_id) or self.engine.active_version
         return page_view(session, engine_model=self.engine.model_name,
-                         engine_version=self.engine.active_version, notice=notice, **kw)
+                         engine_version=version, notice=notice, **kw)
 
     def load(self, memory: Any, *, user_id: str | None = None) -> tuple[ChatSession, PageUpdate]:
         """A new tab: the chat the browser remembers (``memory``), or a fresh one.
