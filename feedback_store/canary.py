@@ -23,7 +23,6 @@ the version's reasons and metrics and in CANARY_HISTORY_KEY.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,8 +45,9 @@ from .registry import (
     _make_active,
     _save_activation_history,
     _version,
+    put_state,
 )
-from .sequential import ArmCounts, Rule, Verdict, decide
+from .sequential import ArmCounts, Rule, Verdict, decide, finite_number
 
 CANARY_KEY = "canary.current"
 CANARY_HISTORY_KEY = "canary.history"
@@ -81,10 +81,10 @@ class CanaryConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if not _number(self.share) or not 0 <= self.share < 1:
+        if not finite_number(self.share) or not 0 <= self.share < 1:
             out.append(f"canary share must be in [0, 1) (0 = off), got {self.share!r}")
         out += [f"canary {p}" for p in self.rule().problems()]
-        if not _number(self.time_limit_hours) or self.time_limit_hours <= 0:
+        if not finite_number(self.time_limit_hours) or self.time_limit_hours <= 0:
             out.append(f"canary time_limit_hours must be > 0, got {self.time_limit_hours!r}")
         if isinstance(self.max_ratings, bool) or not isinstance(self.max_ratings, int) \
                 or self.max_ratings < 2:
@@ -173,10 +173,6 @@ def in_canary(conversation_id: int, version: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < share
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -230,7 +226,7 @@ class Canaries:
             row.status = "canary"
             row.reasons = [*reasons, f"canary: serving {config.share:.0%} of new conversations "
                                      f"against {state.active}"]
-            _put(s, CANARY_KEY, state.to_dict())
+            put_state(s, CANARY_KEY, state.to_dict())
             return state
 
         return self.db.run(work)
@@ -287,15 +283,6 @@ def _current(s: Session) -> CanaryState | None:
     if row is None or not row.value:
         return None
     return CanaryState.from_dict(row.value)
-
-
-def _put(s: Session, key: str, value: dict[str, Any] | None) -> None:
-    row = s.get(ServiceStateRow, key)
-    if row is None:
-        s.add(ServiceStateRow(key=key, value=value))
-    else:
-        row.value = value
-        row.updated_at = _now()
 
 
 def _status(s: Session, now: datetime) -> CanaryStatus | None:
@@ -362,9 +349,9 @@ def _end(s: Session, status: CanaryStatus, outcome: str, reason: str) -> dict[st
               "ended_at": status.now.isoformat()}
     row.reasons = [*(row.reasons or []), f"canary {outcome}: {reason}"]
     row.metrics = {**(row.metrics or {}), "canary": record}
-    _put(s, CANARY_KEY, None)
+    put_state(s, CANARY_KEY, None)
     hist = s.get(ServiceStateRow, CANARY_HISTORY_KEY)
     ended = list(((hist.value or {}) if hist else {}).get("ended", []))
-    _put(s, CANARY_HISTORY_KEY, {"ended": (ended + [record])[-MAX_CANARY_HISTORY:]})
+    put_state(s, CANARY_HISTORY_KEY, {"ended": (ended + [record])[-MAX_CANARY_HISTORY:]})
     s.flush()
     return record

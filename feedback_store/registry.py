@@ -325,12 +325,7 @@ class Registry:
         value = json_object(value, f"state {key!r}")
 
         def work(s: Session) -> dict[str, Any]:
-            row = s.get(ServiceStateRow, key)
-            if row is None:
-                s.add(ServiceStateRow(key=key, value=value))
-            else:
-                row.value = value
-                row.updated_at = _now()
+            put_state(s, key, value)
             return dict(value)
 
         return self.db.run(work)
@@ -355,14 +350,18 @@ def _activation_history(s: Session) -> list[str | None]:
     return list(value.get("versions") or [])
 
 
-def _save_activation_history(s: Session, history: list[str | None]) -> None:
-    value = {"versions": history[-MAX_ACTIVATIONS:]}
-    row = s.get(ServiceStateRow, ACTIVATION_HISTORY_KEY)
+def put_state(s: Session, key: str, value: dict[str, Any] | None) -> None:
+    """Store ``value`` under ``key`` in ``service_state`` within the session's work."""
+    row = s.get(ServiceStateRow, key)
     if row is None:
-        s.add(ServiceStateRow(key=ACTIVATION_HISTORY_KEY, value=value))
+        s.add(ServiceStateRow(key=key, value=value))
     else:
         row.value = value
         row.updated_at = _now()
+
+
+def _save_activation_history(s: Session, history: list[str | None]) -> None:
+    put_state(s, ACTIVATION_HISTORY_KEY, {"versions": history[-MAX_ACTIVATIONS:]})
 
 
 def _history_from_times(s: Session, cur: AdapterVersionRow) -> list[str | None]:

@@ -87,11 +87,11 @@ class Rule:
         if isinstance(self.min_ratings, bool) or not isinstance(self.min_ratings, int) \
                 or self.min_ratings < 1:
             out.append(f"min_ratings must be an int >= 1, got {self.min_ratings!r}")
-        if not _number(self.margin) or not 0 <= self.margin < 1:
+        if not finite_number(self.margin) or not 0 <= self.margin < 1:
             out.append(f"margin must be in [0, 1), got {self.margin!r}")
-        if not _number(self.error_rate) or not 0 < self.error_rate < 0.5:
+        if not finite_number(self.error_rate) or not 0 < self.error_rate < 0.5:
             out.append(f"error_rate must be in (0, 0.5), got {self.error_rate!r}")
-        if not _number(self.mixing_sd) or not 0 < self.mixing_sd <= 1:
+        if not finite_number(self.mixing_sd) or not 0 < self.mixing_sd <= 1:
             out.append(f"mixing_sd must be in (0, 1], got {self.mixing_sd!r}")
         return out
 
@@ -105,7 +105,7 @@ class Verdict:
     reason: str
 
 
-def _number(x: object) -> bool:
+def finite_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
