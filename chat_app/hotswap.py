@@ -79,6 +79,9 @@ class AdapterWatcher:
             except Exception:  # never let the watcher die; the next poll retries
                 log.exception("adapter watcher: sync failed")
 
+    def canary_running(self) -> bool:
+        return self.canary is not None
+
     def version_for(self, conversation_id: int | None) -> str | None:
         """The version that serves ``conversation_id`` (None: the active one)."""
         canary = self.canary

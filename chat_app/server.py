@@ -46,7 +46,7 @@ class Services:
         return self.watcher.version_for(conversation_id) if self.watcher is not None else None
 
     def canary_running(self) -> bool:
-        return self.watcher is not None and self.watcher.canary is not None
+        return self.watcher is not None and self.watcher.canary_running()
 
     def close(self) -> None:
         if self.scheduler is not None:

@@ -20,12 +20,14 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from chat_app.engine import Engine, EngineConfig, SamplingParams
+from chat_app.hotswap import AdapterWatcher
 from chat_app.ui.handlers import ChatHandlers
 from chat_app.ui.markup import display_text, typed_text
 from chat_app.ui.options import ChatPageSettings
 from chat_app.ui.session import ChatSession
 from chat_app.ui.view import PageUpdate
 from feedback_store import FeedbackStore, build_dpo_rows, build_kto_rows
+from feedback_store.canary import CanaryConfig
 
 torch.set_num_threads(1)
 
@@ -159,6 +161,31 @@ def test_each_reply_names_the_adapter_version_that_wrote_it(
     assert [r.adapter_version for r in replies] == ["base", "v0003"]
     assert first.model_line == f"Last reply from model: `{engine.model_name}` · adapter: `base`"
     assert second.model_line == f"Last reply from model: `{engine.model_name}` · adapter: `v0003`"
+
+
+def test_a_canary_answers_its_share_of_new_chats_for_every_turn(
+    store: FeedbackStore, engine: Engine, adapter_dir: Path
+) -> None:
+    store.registry.register_version(version="v0003", path=str(adapter_dir))
+    state = store.canaries.start("v0003", CanaryConfig(share=0.5))
+    watcher = AdapterWatcher(store.registry, engine, canaries=store.canaries)
+    watcher.sync()  # loads the canary beside the base
+    try:
+        ui = ChatHandlers(store=store, engine=engine, router=watcher,
+                          settings=ChatPageSettings(sampling=SAMPLING, stream_interval_s=0.0))
+        seen = set()
+        for _ in range(8):
+            session = chat(ui, "Hi", "And then?")
+            expected = state.version_for(session.conversation_id)
+            replies = [m for m in store.messages(session.conversation_id) if m.is_reply]
+            assert [r.adapter_version for r in replies] == [expected, expected]
+            assert f"adapter: `{expected}`" in ui.view(session).model_line
+            seen.add(expected)
+        assert seen == {"base", "v0003"}
+    finally:
+        store.canaries.end_by_hand("stopped")
+        watcher.sync()
+        assert wait_until(lambda: "v0003" not in engine.loaded_versions())
 
 
 def test_second_message_continues_the_same_thread(ui: ChatHandlers, store: FeedbackStore) -> None:
