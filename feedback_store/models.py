@@ -66,6 +66,8 @@ class MessageRow(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # the client's id of the write that made this row: the same id never makes a second
+    request_id: Mapped[str | None] = mapped_column(String(100), index=True, unique=True)
 
 
 class FeedbackEventRow(Base):
@@ -84,6 +86,7 @@ class FeedbackEventRow(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     tags: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    request_id: Mapped[str | None] = mapped_column(String(100), index=True, unique=True)
 
 
 class AdapterVersionRow(Base):

@@ -8,12 +8,13 @@ change is a new event (the latest vote of a user counts, see ``datasets``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from . import convert
@@ -29,7 +30,7 @@ from .convert import (
     utc,
 )
 from .db import Database, upgrade
-from .errors import InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound
 from .models import ConversationRow, FeedbackEventRow, MessageRow
 from .records import (
     EVENT_KINDS,
@@ -49,6 +50,14 @@ MAX_SOURCE_CHARS = 20
 MAX_VERSION_CHARS = 64
 MAX_MODEL_NAME_CHARS = 500
 MAX_FINISH_REASON_CHARS = 16
+
+
+T = TypeVar("T")
+MAX_REQUEST_ID_CHARS = 100
+
+
+def _reused(request_id: str | None) -> Conflict:
+    return Conflict(f"request id {request_id!r} was already used for a different write")
 
 
 @dataclass(frozen=True)
@@ -138,8 +147,10 @@ class FeedbackStore:
         content: str,
         parent_id: int | None = None,
         user_id: str | None = None,
+        request_id: str | None = None,
     ) -> Message:
-        """Append a user turn. ``parent_id`` defaults to the conversation's latest message."""
+        """Append a user turn. ``parent_id`` defaults to the conversation's latest message.
+        ``request_id``: see :meth:`_once`."""
         conversation_id = check_id(conversation_id, "conversation id")
         content = check_text(content, "message", max_chars=self.limits.max_message_chars)
         user_id = check_user(user_id)
@@ -161,13 +172,18 @@ class FeedbackStore:
                     raise InvalidInput("a user message must follow a reply, not another user message")
             row = MessageRow(
                 conversation_id=conv.id, parent_id=parent, role="user", content=content,
-                user_id=user_id or conv.user_id,
+                user_id=user_id or conv.user_id, request_id=request_id,
             )
             s.add(row)
             s.flush()
             return convert.message(row)
 
-        return self.db.run(work)
+        def found(s: Session, row: MessageRow) -> Message:
+            if row.role != "user" or row.conversation_id != conversation_id:
+                raise _reused(request_id)
+            return convert.message(row)
+
+        return self._once(MessageRow, request_id, work, found)
 
     def add_reply(
         self,
@@ -182,8 +198,10 @@ class FeedbackStore:
         finish_reason: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        request_id: str | None = None,
     ) -> Message:
-        """Store a model reply to the user message ``parent_id``.
+        """Store a model reply to the user message ``parent_id`` (``request_id``: see
+        :meth:`_once`).
 
         A regeneration passes ``source_reply_id`` (the reply it replaces) instead of
         ``parent_id``; it becomes a sibling of that reply. A generated reply may be
@@ -227,15 +245,23 @@ class FeedbackStore:
                 adapter_version=adapter_version, model_name=model_name,
                 generation=generation, finish_reason=finish_reason,
                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                request_id=request_id,
             )
             s.add(row)
             s.flush()
             return convert.message(row)
 
-        return self.db.run(work)
+        def found(s: Session, row: MessageRow) -> Message:
+            if row.role != "assistant" or row.source_reply_id != source_reply_id or (
+                    parent_id is not None and row.parent_id != parent_id):
+                raise _reused(request_id)
+            return convert.message(row)
+
+        return self._once(MessageRow, request_id, work, found)
 
     def edit_reply(
-        self, *, reply_id: int, content: str, user_id: str | None = None
+        self, *, reply_id: int, content: str, user_id: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[Message, FeedbackEvent]:
         """Store the reply the user wanted as a new reply linked to the original.
 
@@ -260,13 +286,19 @@ class FeedbackStore:
             ev = FeedbackEventRow(
                 kind="edit", reply_id=orig.id, other_reply_id=row.id,
                 conversation_id=orig.conversation_id, adapter_version=orig.adapter_version,
-                user_id=user_id,
+                user_id=user_id, request_id=request_id,
             )
             s.add(ev)
             s.flush()
             return convert.message(row), convert.event(ev)
 
-        return self.db.run(work)
+        def found(s: Session, ev: FeedbackEventRow) -> tuple[Message, FeedbackEvent]:
+            if ev.kind != "edit" or ev.reply_id != reply_id:
+                raise _reused(request_id)
+            edited = _get(s, MessageRow, ev.other_reply_id, "message")
+            return convert.message(edited), convert.event(ev)
+
+        return self._once(FeedbackEventRow, request_id, work, found)
 
     # -- feedback ---------------------------------------------------------------------
 
@@ -278,13 +310,13 @@ class FeedbackStore:
         comment: str | None = None,
         tags: Iterable[str] | None = None,
         user_id: str | None = None,
+        request_id: str | None = None,
     ) -> FeedbackEvent:
         """Record a thumbs up or down (optionally with a comment and free tags)."""
         if rating not in RATINGS:
             raise InvalidInput(f"rating must be 'up' or 'down', not {rating!r}")
-        return self._add_event(
-            kind=rating, reply_id=reply_id, comment=comment, tags=tags, user_id=user_id
-        )
+        return self._add_event(kind=rating, reply_id=reply_id, comment=comment, tags=tags,
+                               user_id=user_id, request_id=request_id)
 
     def comment(
         self,
@@ -293,16 +325,17 @@ class FeedbackStore:
         comment: str,
         tags: Iterable[str] | None = None,
         user_id: str | None = None,
+        request_id: str | None = None,
     ) -> FeedbackEvent:
         """Record a comment (and tags) on a reply, without a vote."""
         if comment is None:
             raise InvalidInput("comment is empty")
-        return self._add_event(
-            kind="comment", reply_id=reply_id, comment=comment, tags=tags, user_id=user_id
-        )
+        return self._add_event(kind="comment", reply_id=reply_id, comment=comment, tags=tags,
+                               user_id=user_id, request_id=request_id)
 
     def choose(
-        self, *, chosen_id: int, rejected_id: int, user_id: str | None = None
+        self, *, chosen_id: int, rejected_id: int, user_id: str | None = None,
+        request_id: str | None = None,
     ) -> FeedbackEvent:
         """Record that the user preferred one sibling reply over another."""
         chosen_id = check_id(chosen_id, "chosen reply id")
@@ -322,13 +355,18 @@ class FeedbackStore:
             ev = FeedbackEventRow(
                 kind="choice", reply_id=chosen.id, other_reply_id=rejected.id,
                 conversation_id=chosen.conversation_id, adapter_version=chosen.adapter_version,
-                user_id=user_id,
+                user_id=user_id, request_id=request_id,
             )
             s.add(ev)
             s.flush()
             return convert.event(ev)
 
-        return self.db.run(work)
+        def found(s: Session, ev: FeedbackEventRow) -> FeedbackEvent:
+            if ev.kind != "choice" or (ev.reply_id, ev.other_reply_id) != (chosen_id, rejected_id):
+                raise _reused(request_id)
+            return convert.event(ev)
+
+        return self._once(FeedbackEventRow, request_id, work, found)
 
     def _add_event(
         self,
@@ -338,6 +376,7 @@ class FeedbackStore:
         comment: str | None,
         tags: Iterable[str] | None,
         user_id: str | None,
+        request_id: str | None = None,
     ) -> FeedbackEvent:
         reply_id = check_id(reply_id, "reply id")
         if comment is not None:
@@ -350,13 +389,42 @@ class FeedbackStore:
             ev = FeedbackEventRow(
                 kind=kind, reply_id=reply.id, conversation_id=reply.conversation_id,
                 adapter_version=reply.adapter_version, user_id=user_id, comment=comment,
-                tags=tag_list or None,
+                tags=tag_list or None, request_id=request_id,
             )
             s.add(ev)
             s.flush()
             return convert.event(ev)
 
-        return self.db.run(work)
+        def found(s: Session, ev: FeedbackEventRow) -> FeedbackEvent:
+            if ev.kind != kind or ev.reply_id != reply_id:
+                raise _reused(request_id)
+            return convert.event(ev)
+
+        return self._once(FeedbackEventRow, request_id, work, found)
+
+    def _once(self, row_type: type, request_id: str | None, work: Callable[[Session], T],
+              found: Callable[[Session, Any], T]) -> T:
+        """Run the write ``work`` once per ``request_id`` (None: always).
+
+        A client that retries a write (its answer was lost) or sends it twice gives the
+        same request id; the store then returns what the first attempt wrote, via
+        ``found`` (which refuses an id used for a different write). This also covers the
+        store's own retry after a connection lost just as a commit went through: the
+        retry finds the committed row. Two attempts at once: the unique index lets one
+        insert, and the other returns that row.
+        """
+        if request_id is None:
+            return self.db.run(work)
+        check_label(request_id, "request id", max_chars=MAX_REQUEST_ID_CHARS)
+
+        def attempt(s: Session) -> T:
+            row = s.scalar(select(row_type).where(row_type.request_id == request_id))
+            return work(s) if row is None else found(s, row)
+
+        try:
+            return self.db.run(attempt)
+        except IntegrityError:
+            return self.db.run(attempt)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -366,6 +434,16 @@ class FeedbackStore:
             lambda s: convert.conversation(_get(s, ConversationRow, cid, "conversation")),
             write=False,
         )
+
+    def message_for_request(self, request_id: str) -> Message | None:
+        """The message a write with ``request_id`` stored, if one did."""
+        check_label(request_id, "request id", max_chars=MAX_REQUEST_ID_CHARS)
+
+        def work(s: Session) -> Message | None:
+            row = s.scalar(select(MessageRow).where(MessageRow.request_id == request_id))
+            return convert.message(row) if row is not None else None
+
+        return self.db.run(work, write=False)
 
     def get_message(self, message_id: int) -> Message:
         mid = check_id(message_id, "message id")

@@ -19,11 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import convert
-from .convert import check_id, check_text, check_user, clean_model_text
-from .errors import InvalidInput, NotFound
+from .convert import check_id, check_label, check_text, check_user, clean_model_text
+from .errors import Conflict, InvalidInput, NotFound
 from .models import ConversationRow, MessageRow
 from .records import Conversation, Message
 from .store import FeedbackStore
@@ -39,9 +40,12 @@ def append_turns(
     conversation_id: int | None = None,
     user_id: str | None = None,
     source: str = "api",
+    request_id: str | None = None,
 ) -> tuple[Conversation, Message]:
     """Store the new part of ``turns`` ((role, text) pairs, user/assistant, the last one
-    a user message); returns the conversation and the stored final user message."""
+    a user message); returns the conversation and the stored final user message.
+    ``request_id`` names the final user message: sent again, it is found, not stored
+    twice (``FeedbackStore._once``)."""
     if not turns or turns[-1][0] != "user":
         raise InvalidInput("the last message must be a user message")
     limit = store.limits.max_message_chars
@@ -56,6 +60,14 @@ def append_turns(
         check_text(system_prompt, "system prompt", max_chars=limit)
 
     def work(s: Session) -> tuple[Conversation, Message]:
+        if request_id is not None:
+            done = s.scalar(select(MessageRow).where(MessageRow.request_id == request_id))
+            if done is not None:
+                if done.role != "user" or done.content != turns[-1][1]:
+                    raise Conflict(f"request id {request_id!r} was already used for a "
+                                   "different write")
+                return (convert.conversation(s.get(ConversationRow, done.conversation_id)),
+                        convert.message(done))
         prefix = list(turns[:-1])
         conv, parent, matched = None, None, 0
         if conversation_id is not None:
@@ -77,10 +89,18 @@ def append_turns(
         for role, text in prefix[matched:]:
             parent = _add(s, conv.id, parent, role, text, user_id)
         last = _add(s, conv.id, parent, "user", turns[-1][1], user_id)
+        s.get(MessageRow, last).request_id = request_id
         s.flush()
         return convert.conversation(conv), convert.message(s.get(MessageRow, last))
 
-    return store.db.run(work)
+    if request_id is not None:
+        check_label(request_id, "request id", max_chars=100)
+    try:
+        return store.db.run(work)
+    except IntegrityError:  # the same request at once elsewhere: its row is the answer
+        if request_id is None:
+            raise
+        return store.db.run(work)
 
 
 def _add(s: Session, conv_id: int, parent: int | None, role: str, text: str,

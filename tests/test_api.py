@@ -89,6 +89,37 @@ def test_streamed_completion_then_edit_regenerate_and_choice(server, client, tmp
             "rejected": [{"role": "assistant", "content": text}]} in exported
 
 
+def test_a_request_sent_again_with_its_idempotency_key_is_not_repeated(server, client):
+    store = server.services.store
+    counts = store.counts()
+    body = {"messages": [{"role": "user", "content": "Only once, please"}], "max_tokens": 8}
+    auth = {"Authorization": "Bearer key-one"}
+    first = httpx.post(server.url + "/v1/chat/completions", json=body,
+                       headers={**auth, "Idempotency-Key": "chat-1"})
+    again = httpx.post(server.url + "/v1/chat/completions", json=body,
+                       headers={**auth, "Idempotency-Key": "chat-1"})
+    streamed = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": True},
+                          headers={**auth, "Idempotency-Key": "chat-1"})
+    assert first.status_code == again.status_code == streamed.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["choices"] == first.json()["choices"]
+    chunk = json.loads(streamed.text.split("data: ")[1])
+    assert chunk["id"] == first.json()["id"]
+    assert chunk["choices"][0]["delta"]["content"] == first.json()["choices"][0]["message"][
+        "content"]
+    assert store.counts()["messages"] == counts["messages"] + 2  # one question, one reply
+    rate = {"reply_id": first.json()["id"], "rating": "up"}
+    for _ in range(3):
+        r = httpx.post(server.url + "/v1/feedback", json=rate,
+                       headers={**auth, "Idempotency-Key": "thumb-1"})
+        assert r.status_code == 200 and r.json()["event"]["kind"] == "up"
+    assert store.counts()["events"] == counts["events"] + 1
+    reused = httpx.post(server.url + "/v1/feedback", json={**rate, "rating": "down"},
+                        headers={**auth, "Idempotency-Key": "thumb-1"})
+    assert reused.status_code == 409 and "different write" in reused.json()["error"]["message"]
+    assert store.counts()["events"] == counts["events"] + 1
+
+
 def test_history_continues_the_same_stored_conversation(server, client):
     store = server.services.store
     first = client.chat.completions.create(

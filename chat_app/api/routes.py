@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -107,6 +107,11 @@ def install(app: FastAPI, services: Any) -> None:
                             type="invalid_request_error").response()
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+
+# A client's id for one write (as in Stripe's API): sent again with the same key, the
+# write is not repeated and the first answer comes back.
+IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", max_length=90)
 
 
 def build_router(services: Any) -> APIRouter:
@@ -219,8 +224,32 @@ def build_router(services: Any) -> APIRouter:
                 except Exception:
                     log.exception("could not store the end of reply %s", reply.id)
 
+    def replayed(reply: Any, stream: bool) -> Any:
+        """A stored reply as the answer to a request sent again."""
+        created = int(reply.created_at.timestamp())
+        body = {"id": str(reply.id), "object": "chat.completion", "created": created,
+                "model": model_id(reply.adapter_version or "base"),
+                "conversation_id": reply.conversation_id,
+                "adapter_version": reply.adapter_version,
+                "choices": [{"index": 0, "finish_reason": _finish(reply.finish_reason),
+                             "message": {"role": "assistant", "content": reply.content},
+                             "logprobs": None}],
+                "usage": {"prompt_tokens": reply.prompt_tokens or 0,
+                          "completion_tokens": reply.completion_tokens or 0,
+                          "total_tokens": (reply.prompt_tokens or 0)
+                          + (reply.completion_tokens or 0)}}
+        if not stream:
+            return body
+        chunk = {key: value for key, value in body.items() if key != "usage"}
+        chunk["object"] = "chat.completion.chunk"
+        chunk["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": reply.content},
+                             "finish_reason": _finish(reply.finish_reason), "logprobs": None}]
+        return StreamingResponse(iter([f"data: {sse_json(chunk)}\n\n", "data: [DONE]\n\n"]),
+                                 media_type="text/event-stream")
+
     @router.post("/chat/completions", response_model=None)
-    def chat_completions(req: ChatCompletionRequest) -> Any:
+    def chat_completions(req: ChatCompletionRequest,
+                         key: str | None = IDEMPOTENCY_KEY) -> Any:
         problems = req.unsupported()
         if problems:
             raise ApiError(400, "; ".join(problems), code="unsupported_parameter")
@@ -243,9 +272,21 @@ def build_router(services: Any) -> APIRouter:
                           req.top_p, stop, req.seed)
         prompt = ([{"role": "system", "content": system}] if system else []) + [
             {"role": r, "content": t} for r, t in turns]
+        if key is not None:  # sent before: answer with what was stored, generate nothing
+            try:
+                done = store.message_for_request(f"{key}/reply")
+            except Exception as exc:
+                raise _store_errors(exc) from exc
+            if done is not None and done.finish_reason is None:
+                raise ApiError(409, "the first request with this Idempotency-Key is still "
+                               "being answered; try again shortly", code="request_in_progress")
+            if done is not None:
+                return replayed(done, req.stream)
+
         def store_turns() -> Any:
             return append_turns(store, turns=turns, system_prompt=system,
-                                conversation_id=req.conversation_id, user_id=req.user)
+                                conversation_id=req.conversation_id, user_id=req.user,
+                                request_id=f"{key}/user" if key else None)
 
         if not services.canary_running():
             gen = start(prompt, params)
@@ -260,7 +301,8 @@ def build_router(services: Any) -> APIRouter:
             except Exception as exc:
                 raise _store_errors(exc) from exc
             gen = start(prompt, params, conv.id)
-        reply = begin_reply(gen, params, parent_id=user_msg.id)
+        reply = begin_reply(gen, params, parent_id=user_msg.id,
+                            request_id=f"{key}/reply" if key else None)
         created = int(time.time())
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
@@ -291,24 +333,26 @@ def build_router(services: Any) -> APIRouter:
         return {"object": "list", "data": data}
 
     @router.post("/feedback")
-    def feedback(req: FeedbackRequest) -> dict[str, Any]:
+    def feedback(req: FeedbackRequest, key: str | None = IDEMPOTENCY_KEY) -> dict[str, Any]:
         try:
             if req.rating is None:
                 if req.comment is None:
                     raise InvalidInput("give a rating ('up' or 'down'), a comment, or both")
                 ev = store.comment(reply_id=req.reply_id, comment=req.comment, tags=req.tags,
-                                   user_id=req.user)
+                                   user_id=req.user, request_id=key)
             else:
                 ev = store.rate(reply_id=req.reply_id, rating=req.rating, comment=req.comment,
-                                tags=req.tags, user_id=req.user)
+                                tags=req.tags, user_id=req.user, request_id=key)
         except Exception as exc:
             raise _store_errors(exc) from exc
         return {"event": _event(ev)}
 
     @router.post("/replies/{reply_id}/edit")
-    def edit(reply_id: str, req: EditRequest) -> dict[str, Any]:
+    def edit(reply_id: str, req: EditRequest, key: str | None = IDEMPOTENCY_KEY
+             ) -> dict[str, Any]:
         try:
-            new, ev = store.edit_reply(reply_id=reply_id, content=req.content, user_id=req.user)
+            new, ev = store.edit_reply(reply_id=reply_id, content=req.content, user_id=req.user,
+                                       request_id=key)
         except Exception as exc:
             raise _store_errors(exc) from exc
         return {"reply": _message(new), "event": _event(ev)}
@@ -337,10 +381,11 @@ def build_router(services: Any) -> APIRouter:
         return completion_body(reply, gen, conv.id, int(time.time()))
 
     @router.post("/preferences")
-    def preferences(req: PreferenceRequest) -> dict[str, Any]:
+    def preferences(req: PreferenceRequest, key: str | None = IDEMPOTENCY_KEY
+                    ) -> dict[str, Any]:
         try:
             ev = store.choose(chosen_id=req.chosen_id, rejected_id=req.rejected_id,
-                              user_id=req.user)
+                              user_id=req.user, request_id=key)
         except Exception as exc:
             raise _store_errors(exc) from exc
         return {"event": _event(ev)}
