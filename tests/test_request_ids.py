@@ -98,3 +98,30 @@ def test_every_write_kind_is_stored_once_per_request_id(store: FeedbackStore) ->
     with pytest.raises(InvalidInput, match="request id"):
         store.rate(reply_id=reply.id, rating="up", request_id="x" * 101)
     assert store.counts()["events"] == 3
+
+
+def test_a_database_of_the_first_schema_upgrades_in_place(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from feedback_store.db import Database, current_revision, head_revision, upgrade
+    from feedback_store.models import Base
+
+    db = Database(db_url)
+    upgrade(db, "0001")
+    with db.engine.begin() as c:
+        c.execute(text("INSERT INTO conversations (id, created_at, source) "
+                       "VALUES (1, CURRENT_TIMESTAMP, 'api')"))
+        c.execute(text("INSERT INTO messages (id, conversation_id, role, content, created_at) "
+                       "VALUES (1, 1, 'user', 'kept', CURRENT_TIMESTAMP)"))
+    db.dispose()
+    store = FeedbackStore.open(db_url)  # migrates to the newest schema
+    try:
+        assert current_revision(store.db) == head_revision() != "0001"
+        assert store.get_message(1).content == "kept"
+        with store.db.engine.connect() as c:
+            assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
+        again = store.add_user_message(conversation_id=1, content="x", request_id="k")
+        assert store.add_user_message(conversation_id=1, content="x", request_id="k") == again
+    finally:
+        store.close()
