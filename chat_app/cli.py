@@ -1,6 +1,7 @@
 """The `feedback-chat` command.
 
     feedback-chat serve                      start the chat page, console and API
+    feedback-chat trainer                    the retraining schedule alone (/healthz, /metrics)
     feedback-chat db upgrade                 create or migrate the database
     feedback-chat export --kind kto|dpo --out FILE.jsonl [filters]
     feedback-chat demo-model build           (re)build the offline demo model
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="start the chat page, operator console and HTTP API")
     _add_setting_flags(p)
+
+    p = sub.add_parser("trainer", help="run the retraining schedule as a service of its own "
+                       "(front-ends then run with --no-scheduler)")
+    _add_setting_flags(p, MODEL_FLAGS + ["host", "port", "retrain_interval_minutes",
+                                         "retrain_min_feedback"])
 
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True)
@@ -113,6 +119,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from .server import serve
 
     return serve(settings)
+
+
+def cmd_trainer(settings: Settings, args: argparse.Namespace) -> int:
+    from .trainer import run_trainer
+
+    return run_trainer(settings)
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
@@ -192,7 +204,7 @@ def cmd_canary(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "db": cmd_db, "export": cmd_export,
+COMMANDS = {"serve": cmd_serve, "trainer": cmd_trainer, "db": cmd_db, "export": cmd_export,
             "demo-model": cmd_demo_model, "retrain": cmd_retrain, "adapters": cmd_adapters,
             "canary": cmd_canary}
 

@@ -1,0 +1,66 @@
+"""``feedback-chat trainer``: the schedule as its own process, with health and metrics,
+running real rounds on the feedback a front-end stored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from feedback_data import seed_preferences
+from live_server import free_port
+from tiny_models import make_tiny_model
+
+from feedback_store import FeedbackStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def test_the_trainer_runs_scheduled_rounds_and_reports_them(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "model")
+    data = tmp_path / "data"
+    url = f"sqlite:///{data / 'feedback.db'}"
+    data.mkdir()
+    store = FeedbackStore.open(url)
+    seed_preferences(store, rounds=1)
+    port = free_port()
+    env = {**os.environ, "FEEDBACK_CHAT_TRAIN_KTO_STEPS": "3", "FEEDBACK_CHAT_TRAIN_DPO_STEPS": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chat_app.cli", "trainer", "--data-dir", str(data), "--model",
+         str(model), "--port", str(port), "--retrain-interval-minutes", "0.02",
+         "--retrain-min-feedback", "10", "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                health = httpx.get(base + "/healthz", timeout=2)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "the trainer did not start"
+            time.sleep(0.2)
+        body = health.json()
+        assert body["status"] == "ok" and body["schedule"]["min_feedback"] == 10
+        deadline = time.time() + 300
+        while not [r for r in store.registry.list_runs() if r.status not in ("queued",
+                                                                              "running")]:
+            assert time.time() < deadline, "no scheduled round finished"
+            time.sleep(0.5)
+        run = store.registry.list_runs()[-1]
+        assert run.trigger == "schedule" and run.status in ("succeeded", "rejected"), run.error
+        metrics = httpx.get(base + "/metrics").text
+        assert f'feedback_chat_trainer_runs{{status="{run.status}"}} 1' in metrics
+        assert "feedback_chat_trainer_pending_feedback 0" in metrics
+        assert httpx.get(base + "/healthz").json()["schedule"]["last_check"]["outcome"]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode(errors="replace")
+        store.close()
+    assert "Traceback" not in out, out[-3000:]
