@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from feedback_store import FeedbackStore, StoreError
 
 from .hotswap import AdapterWatcher
+from .login_limit import LoginLimiter
 from .metrics import MeteredEngine, Metrics
 from .settings import Settings, retrain_settings
 
@@ -109,6 +110,9 @@ def create_app(services: Services) -> FastAPI:
     settings = services.settings
     app = FastAPI(title="feedback-chat", version="0.1.0")
     app.state.services = services
+    app.add_middleware(LoginLimiter, max_failures=settings.login_max_failures,
+                       window_s=settings.login_window_seconds,
+                       lockout_s=settings.login_lockout_seconds)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]

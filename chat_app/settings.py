@@ -72,6 +72,13 @@ class Settings:
         "run the retraining scheduler inside this server"))
     adapter_poll_seconds: float = field(default=2.0, metadata=_meta(
         "how often the server checks the registry for a newly active adapter"))
+    login_max_failures: int = field(default=5, metadata=_meta(
+        "failed sign-ins per account (4x per client address) within the window before "
+        "sign-in is refused for the lockout"))
+    login_window_seconds: float = field(default=300.0, metadata=_meta(
+        "how far back failed sign-ins count"))
+    login_lockout_seconds: float = field(default=60.0, metadata=_meta(
+        "how long sign-in stays refused after the last failure over the limit"))
     canary_share: float = field(default=0.2, metadata=_meta(
         "share of new conversations a version that passed the gate serves before live "
         "ratings decide; 0: off, promote directly"))
@@ -134,6 +141,10 @@ class Settings:
             p.append("retrain_min_feedback must be 0 or more")
         if self.adapter_poll_seconds <= 0:
             p.append("adapter_poll_seconds must be positive")
+        if self.login_max_failures < 1:
+            p.append("login_max_failures must be at least 1")
+        if self.login_window_seconds <= 0 or self.login_lockout_seconds <= 0:
+            p.append("login_window_seconds and login_lockout_seconds must be positive")
         if self.canary_check_seconds <= 0:
             p.append("canary_check_seconds must be positive")
         from feedback_store.canary import CanaryConfig
