@@ -8,6 +8,8 @@
     feedback-chat retrain --now [--wait]     run one training round
     feedback-chat adapters list | promote VERSION | rollback
     feedback-chat canary status | promote | stop | rollback | history
+    feedback-chat users forget USER          delete everything USER wrote (a record stays)
+    feedback-chat conversations delete ID | deleted
 
 Heavy modules (torch, gradio) are imported only by the subcommands that need them,
 so `db` and `export` work from the store's own dependencies.
@@ -91,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     _add_setting_flags(p, STORE_FLAGS)
     _add_setting_flags(adsub.add_parser("rollback", help="go back to the previous version"),
+                       STORE_FLAGS)
+
+    us = sub.add_parser("users", help="people's data")
+    ussub = us.add_subparsers(dest="users_command", required=True)
+    p = ussub.add_parser("forget", help="delete every conversation and feedback of USER from "
+                         "views, training data and exports (a record of the deletion stays)")
+    p.add_argument("user")
+    _add_setting_flags(p, STORE_FLAGS)
+    cv = sub.add_parser("conversations", help="stored conversations")
+    cvsub = cv.add_subparsers(dest="conversations_command", required=True)
+    p = cvsub.add_parser("delete", help="delete conversation ID (a record of it stays)")
+    p.add_argument("id")
+    _add_setting_flags(p, STORE_FLAGS)
+    _add_setting_flags(cvsub.add_parser("deleted", help="the records of deleted conversations"),
                        STORE_FLAGS)
 
     ca = sub.add_parser("canary", help="the version on trial with a share of live chats")
@@ -187,6 +203,30 @@ def cmd_adapters(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    done = _open_store(settings).forget_user(args.user, by=f"operator {getpass.getuser()}")
+    print(f"forgot {args.user}: {done['conversations']} conversations, {done['messages']} "
+          f"messages and {done['events']} feedback events deleted")
+    return 0
+
+
+def cmd_conversations(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    store = _open_store(settings)
+    if args.conversations_command == "deleted":
+        for c in store.deletions():
+            print(f"#{c.id}  user={c.user_id or '-'}  deleted {c.deleted_at:%Y-%m-%d %H:%M} "
+                  f"by {c.deleted_by or '-'}")
+        return 0
+    done = store.delete_conversation(args.id, by=f"operator {getpass.getuser()}")
+    print(f"conversation {args.id} deleted: {done['messages']} messages, {done['events']} "
+          f"feedback events")
+    return 0
+
+
 def cmd_canary(settings: Settings, args: argparse.Namespace) -> int:
     import getpass
 
@@ -206,7 +246,7 @@ def cmd_canary(settings: Settings, args: argparse.Namespace) -> int:
 
 COMMANDS = {"serve": cmd_serve, "trainer": cmd_trainer, "db": cmd_db, "export": cmd_export,
             "demo-model": cmd_demo_model, "retrain": cmd_retrain, "adapters": cmd_adapters,
-            "canary": cmd_canary}
+            "canary": cmd_canary, "users": cmd_users, "conversations": cmd_conversations}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ def conversation(r: ConversationRow) -> Conversation:
         client_key=r.client_key,
         source=r.source,
         system_prompt=r.system_prompt,
+        deleted_at=aware(r.deleted_at),
+        deleted_by=r.deleted_by,
     )
 
 

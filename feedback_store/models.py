@@ -44,6 +44,9 @@ class ConversationRow(Base):
     client_key: Mapped[str | None] = mapped_column(String(200), index=True)
     source: Mapped[str] = mapped_column(String(20), default="ui")
     system_prompt: Mapped[str | None] = mapped_column(Text)
+    # a deleted conversation keeps only this row, as the record of who deleted it and when
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    deleted_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class MessageRow(Base):

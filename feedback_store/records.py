@@ -23,6 +23,8 @@ class Conversation:
     client_key: str | None
     source: str
     system_prompt: str | None
+    deleted_at: datetime | None = None  # deleted: this record is all that is left
+    deleted_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -158,7 +158,7 @@ class FeedbackStore:
             parent_id = check_id(parent_id, "parent id")
 
         def work(s: Session) -> Message:
-            conv = _get(s, ConversationRow, conversation_id, "conversation")
+            conv = _live(s, conversation_id)
             parent = parent_id
             if parent is None:
                 parent = s.scalar(
@@ -401,6 +401,58 @@ class FeedbackStore:
             return convert.event(ev)
 
         return self._once(FeedbackEventRow, request_id, work, found)
+
+    # -- deletion -----------------------------------------------------------------------
+
+    def delete_conversation(self, conversation_id: int, *, by: str | None = None,
+                            owner: str | None = None) -> dict[str, int]:
+        """Delete a conversation's messages and feedback, so no view, training round or
+        export sees them again; its row stays, without its text, as the record of who
+        deleted it and when. ``owner``: refuse (NotFound, as for a missing id) unless
+        the conversation belongs to that user. Deleting twice is a no-op."""
+        cid = check_id(conversation_id, "conversation id")
+        by = check_user(by)
+        owner = check_user(owner)
+
+        def work(s: Session) -> dict[str, int]:
+            conv = _get(s, ConversationRow, cid, "conversation")
+            if owner is not None and conv.user_id != owner:
+                raise NotFound(f"no conversation with id {cid}")
+            return _erase(s, conv, by)
+
+        return self.db.run(work)
+
+    def forget_user(self, user_id: str, *, by: str | None = None) -> dict[str, int]:
+        """Delete every conversation of ``user_id`` and every feedback event they gave
+        (as :meth:`delete_conversation`, recorded the same way)."""
+        user = check_user(user_id)
+        if user is None:
+            raise InvalidInput("name the user to forget")
+        by = check_user(by)
+
+        def work(s: Session) -> dict[str, int]:
+            total = {"conversations": 0, "messages": 0, "events": 0}
+            for conv in s.scalars(select(ConversationRow).where(
+                    ConversationRow.user_id == user, ConversationRow.deleted_at.is_(None))):
+                done = _erase(s, conv, by)
+                for k in ("messages", "events"):
+                    total[k] += done[k]
+                total["conversations"] += 1
+            others = s.execute(delete(FeedbackEventRow).where(FeedbackEventRow.user_id == user))
+            total["events"] += others.rowcount or 0
+            return total
+
+        return self.db.run(work)
+
+    def deletions(self, *, limit: int = 100) -> list[Conversation]:
+        """Deleted conversations (the records left), newest deletion first."""
+        def work(s: Session) -> list[Conversation]:
+            rows = s.scalars(select(ConversationRow)
+                             .where(ConversationRow.deleted_at.is_not(None))
+                             .order_by(ConversationRow.deleted_at.desc()).limit(limit))
+            return [convert.conversation(r) for r in rows]
+
+        return self.db.run(work, write=False)
 
     def _once(self, row_type: type, request_id: str | None, work: Callable[[Session], T],
               found: Callable[[Session, Any], T]) -> T:
@@ -647,6 +699,30 @@ def _get(s: Session, model: type, key: Any, what: str) -> Any:
     if row is None:
         raise NotFound(f"no {what} with id {key}")
     return row
+
+
+def _erase(s: Session, conv: ConversationRow, by: str | None) -> dict[str, int]:
+    if conv.deleted_at is not None:
+        return {"messages": 0, "events": 0}
+    events = s.execute(delete(FeedbackEventRow)
+                       .where(FeedbackEventRow.conversation_id == conv.id)).rowcount or 0
+    s.execute(update(MessageRow).where(MessageRow.conversation_id == conv.id)
+              .values(parent_id=None, source_reply_id=None))
+    messages = s.execute(delete(MessageRow)
+                         .where(MessageRow.conversation_id == conv.id)).rowcount or 0
+    conv.system_prompt = None
+    conv.deleted_at = datetime.now(UTC)
+    conv.deleted_by = by
+    s.flush()
+    return {"messages": messages, "events": events}
+
+
+def _live(s: Session, conversation_id: int) -> ConversationRow:
+    """The conversation, refused with NotFound once deleted."""
+    conv = _get(s, ConversationRow, conversation_id, "conversation")
+    if conv.deleted_at is not None:
+        raise NotFound(f"conversation {conversation_id} was deleted")
+    return conv
 
 
 def _get_reply(s: Session, reply_id: int) -> MessageRow:

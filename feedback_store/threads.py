@@ -74,6 +74,8 @@ def append_turns(
             conv = s.get(ConversationRow, conversation_id)
             if conv is None:
                 raise NotFound(f"no conversation with id {conversation_id}")
+            if conv.deleted_at is not None:
+                raise NotFound(f"conversation {conversation_id} was deleted")
             if prefix:
                 parent, matched = _walk(s, conv.id, prefix)
             else:
