@@ -50,6 +50,10 @@ def test_a_deleted_conversation_leaves_views_training_rows_and_exports(
     assert record.deleted_by == target.user_id and record.deleted_at is not None
     assert record.system_prompt is None and store.messages(conv_id) == []
     assert [c.id for c in store.deletions()] == [conv_id]
+    from chat_app.console.conversation import conversation_tree, render_conversation
+
+    page = render_conversation(conversation_tree(store, conv_id))
+    assert "<b>Deleted</b>" in page and question not in page
     with pytest.raises(NotFound, match="was deleted"):
         store.add_user_message(conversation_id=conv_id, content="still there?")
     with pytest.raises(NotFound, match="was deleted"):

@@ -187,6 +187,10 @@ def render_conversation(tree: ConversationTree, *, highlight: set[int] | None = 
            f'{html.escape(c.user_id or "anonymous")} · source {html.escape(c.source)} · started '
            f'{_when(c.created_at)} · {tree.n_messages} messages · {tree.n_events} feedback '
            "events</div>"]
+    if c.deleted_at is not None:
+        out.append(f'<div class="fc-system"><b>Deleted</b> {_when(c.deleted_at)} by '
+                   f'{html.escape(c.deleted_by or "unknown")}: its messages and feedback are '
+                   "gone from views, training and exports.</div>")
     if c.system_prompt:
         out.append('<div class="fc-system"><div class="fc-head"><b>System prompt</b></div>'
                    + _text(c.system_prompt) + "</div>")
