@@ -103,7 +103,9 @@ def test_bad_settings_exit_2_with_all_problems(tmp_path):
 def test_db_upgrade_export_and_adapters_commands(tmp_path):
     r = cli("db", "upgrade", "--data-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "revision 0001" in r.stdout
+    from feedback_store.db import head_revision
+
+    assert f"revision {head_revision()}" in r.stdout
 
     store = FeedbackStore.open(f"sqlite:///{tmp_path.resolve() / 'feedback.db'}")
     conv = store.create_conversation()
