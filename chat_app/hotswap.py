@@ -115,21 +115,19 @@ class AdapterWatcher:
         from .engine import AdapterError
 
         with self._lock:
+            old = self.canary
             try:
                 state = self.canaries.current()
-                row = self.registry.get_version(state.version) if state is not None else None
+                row = (self.registry.get_version(state.version)
+                       if state is not None and state != old else None)
             except StoreError as exc:
                 log.warning("adapter watcher: canary state unavailable (%s)", exc)
                 return
-            old = self.canary
             if state is not None and state != old:
                 if (state.version, row.path) in self._refused:
                     return
                 try:
-                    if state.version not in self.engine.loaded_versions():
-                        if not Path(row.path).is_dir():
-                            raise AdapterError(f"adapter folder {row.path} does not exist")
-                        self.engine.load_adapter(state.version, row.path)
+                    self._ensure_loaded(state.version, row.path)
                 except (AdapterError, OSError, ValueError, RuntimeError) as exc:
                     self._refused.add((state.version, row.path))
                     log.error("refusing canary %s: %s; every conversation stays on %s",
@@ -145,8 +143,7 @@ class AdapterWatcher:
                 return
         if old is not None and (state is None or state.version != old.version) \
                 and old.version != self.engine.active_version:
-            threading.Thread(target=self._unload, args=(old.version,), daemon=True,
-                             name=f"unload-{old.version}").start()
+            self._unload_later(old.version)
 
     def _sync_active(self) -> SwapEvent | None:
         from .engine import BASE_VERSION, AdapterError
@@ -165,10 +162,8 @@ class AdapterWatcher:
                 return None
             t0 = time.perf_counter()
             try:
-                if target != BASE_VERSION and target not in self.engine.loaded_versions():
-                    if not Path(active.path).is_dir():
-                        raise AdapterError(f"adapter folder {active.path} does not exist")
-                    self.engine.load_adapter(target, active.path)
+                if target != BASE_VERSION:
+                    self._ensure_loaded(target, active.path)
                 self.engine.activate(target)
             except (AdapterError, OSError, ValueError, RuntimeError) as exc:
                 if active is not None:
@@ -183,9 +178,22 @@ class AdapterWatcher:
             self._record(ev)
         canary = self.canary
         if current != BASE_VERSION and (canary is None or canary.version != current):
-            threading.Thread(target=self._unload, args=(current,), daemon=True,
-                             name=f"unload-{current}").start()
+            self._unload_later(current)
         return ev
+
+    def _ensure_loaded(self, version: str, path: str) -> None:
+        """Load ``version`` from ``path`` unless the engine has it; a missing folder raises."""
+        from .engine import AdapterError
+
+        if version not in self.engine.loaded_versions():
+            if not Path(path).is_dir():
+                raise AdapterError(f"adapter folder {path} does not exist")
+            self.engine.load_adapter(version, path)
+
+    def _unload_later(self, version: str) -> None:
+        """Unload ``version`` in the background once its last replies have finished."""
+        threading.Thread(target=self._unload, args=(version,), daemon=True,
+                         name=f"unload-{version}").start()
 
     def _unload(self, version: str) -> None:
         from .engine import AdapterError
