@@ -95,7 +95,7 @@ class Users:
         self.urls, self.good = urls, good
         self.stop = threading.Event()
         self.failures: list[str] = []
-        # (conversation id, versions of its two replies, when the second turn was sent)
+        # (conversation id, versions of its two replies, the second reply's id)
         self.conversations: list[tuple[int, list[str], float]] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True)
@@ -116,7 +116,6 @@ class Users:
         first = ask(client, first_url, rng.choice(["Hello!", "How do I cook rice?",
                                                    "What makes the sky blue?"]))
         cid = first["conversation_id"]
-        sent = time.time()
         second = ask(client, second_url, "Tell me more.", cid)
         versions = [first["adapter_version"], second["adapter_version"]]
         for body in (first, second):
@@ -125,7 +124,7 @@ class Users:
                             json={"reply_id": body["id"], "rating": "up" if up else "down"})
             assert r.status_code == 200, r.text
         with self.lock:
-            self.conversations.append((cid, versions, sent))
+            self.conversations.append((cid, versions, int(second["id"])))
 
     def __enter__(self) -> Users:
         for t in self.threads:
@@ -145,13 +144,16 @@ def _run(store: FeedbackStore, urls: list[str], good: dict[str, float]) -> tuple
     return store.canaries.history()[0], users
 
 
-def _check_sticky(users: Users, state, record: dict) -> None:  # type: ignore[no-untyped-def]
-    """Every conversation started during the canary got the version the canary assigns
-    its id, and kept it for its second turn when that was sent before the decision."""
-    ended = datetime.fromisoformat(record["ended_at"]).timestamp()
-    during = [(cid, v, sent) for cid, v, sent in users.conversations if sent < ended]
+def _check_sticky(users: Users, store: FeedbackStore, state, record: dict
+                  ) -> None:  # type: ignore[no-untyped-def]
+    """Every conversation whose second reply was written before the decision got the
+    version the canary assigns its id on both turns. (A turn sent before the decision
+    but routed after it may go to the version that then serves everyone.)"""
+    ended = datetime.fromisoformat(record["ended_at"])
+    during = [(cid, v, rid) for cid, v, rid in users.conversations
+              if store.get_message(rid).created_at < ended]
     assert len(during) >= 20
-    for cid, (v1, v2), _sent in during:
+    for cid, (v1, v2), _rid in during:
         assert v1 == state.version_for(cid), (cid, v1)
         assert v2 == v1, (cid, v1, v2)
     assert {v for _, (v, _), _ in during} == {"v0001", "v0002"}
@@ -166,7 +168,7 @@ def test_live_ratings_promote_a_better_canary_and_roll_back_a_worse(
         start_canary(store, adapters, [srv.url])
         state = store.canaries.current()
         record, users = _run(store, [srv.url], good)
-        _check_sticky(users, state, record)
+        _check_sticky(users, store, state, record)
         if better == "canary":
             assert record["outcome"] == "promoted", record["reason"]
             wait_for(lambda: httpx.get(srv.url + "/healthz").json()["adapter_version"]
