@@ -81,8 +81,12 @@ class GateConfig:
     ``min_heldout_rows`` deduplicated held-out rows (thumbs + pairs) on at least
     ``min_heldout_prompts`` distinct held-out prompts; the feedback-trained scorer's
     held-out accuracy above ``min_scorer_accuracy`` (else the ratings do not predict
-    themselves); and the candidate's mean score above the active's with the lower
-    confidence bound ``mean difference - confidence_z * stderr > 0`` (paired by prompt).
+    themselves); at least ``min_changed_share`` of the candidate's sampled replies on
+    held-out prompts different from the active's drawn with the same seed (else the
+    candidate is a near no-op: the few replies that did change can make a paired
+    comparison look significant while users would hardly see a difference); and the
+    candidate's mean score above the active's with the lower confidence bound ``mean
+    difference - confidence_z * stderr > 0`` (paired by prompt).
 
     Safety (a failure rejects): mean per-token ``KL(candidate || base)`` on its sampled
     replies at most ``max_kl`` nats/token; the share of degenerate sampled replies at
@@ -98,6 +102,7 @@ class GateConfig:
     min_heldout_rows: int = 20
     min_heldout_prompts: int = 8
     min_scorer_accuracy: float = 0.6
+    min_changed_share: float = 0.1
     confidence_z: float = 1.96
     max_kl: float = 0.3
     max_degenerate_share: float = 0.2
@@ -128,7 +133,7 @@ class GateConfig:
             elif not (isinstance(value, int | float) and not isinstance(value, bool)
                       and math.isfinite(value) and value >= 0):
                 bad.append(f"{name} must be a finite number >= 0, got {value!r}")
-            elif name in ("min_scorer_accuracy", "top_p") and value > 1:
+            elif name in ("min_scorer_accuracy", "min_changed_share", "top_p") and value > 1:
                 bad.append(f"{name} must be at most 1, got {value!r}")
         if self.top_p == 0:
             bad.append("top_p must be > 0")
@@ -150,7 +155,8 @@ class BehaviourReport:
     nats per token from the base. ``implicit`` holds the implicit-reward metrics of
     :func:`retrain.implicit.implicit_metrics` on the held-out rows (``active/`` keys for the active version),
     for information only. ``samples`` maps prompt text to one candidate and one active
-    reply, for people to read.
+    reply, for people to read. ``changed_share``: the share of held-out sampled replies
+    that differ from the active's drawn with the same seed (None without held-out prompts).
     """
 
     active_label: str
@@ -173,6 +179,7 @@ class BehaviourReport:
     active_degenerate_share: float
     implicit: dict[str, float | None]
     samples: tuple[tuple[str, str, str], ...] = ()
+    changed_share: float | None = None
 
     @property
     def n_heldout_rows(self) -> int:
@@ -187,6 +194,7 @@ class BehaviourReport:
             "scorer_pair_accuracy": self.scorer.pair_accuracy,
             "score": self.candidate_score, "active/score": self.active_score,
             "score_diff": self.score_diff, "score_lower_bound": self.score_lower_bound,
+            "changed_share": self.changed_share,
             "kl": self.kl, "active/kl": self.active_kl,
             "degenerate_share": self.degenerate_share,
             "active/degenerate_share": self.active_degenerate_share,
@@ -303,6 +311,8 @@ def evaluate_behaviour(
     cand_scores: list[float] = []
     act_scores: list[float] = []
     samples = []
+    changed = [c != a for cand, act in zip(cand_all[:len(prompts)], act_all[:len(prompts)],
+                                          strict=True) for c, a in zip(cand, act, strict=True)]
     for messages, cand, act in zip(prompts, cand_all, act_all, strict=False):
         user = last_user_text(messages)
         c = _mean(reward_model.scores([(user, r) for r in cand]))
@@ -344,6 +354,7 @@ def evaluate_behaviour(
         active_degenerate_share=share(texts["act"]),
         implicit={**implicit, **{f"active/{k}": v for k, v in active_implicit.items()}},
         samples=tuple(samples),
+        changed_share=sum(changed) / len(changed) if changed else None,
     )
 
 
@@ -411,6 +422,11 @@ def gate_decision(
             f"on {r.n_train_rows} training rows got {seen}, needs more than "
             f"{config.min_scorer_accuracy:.0%}: ratings look inconsistent or too few")
     samples = f"{r.n_prompts} held-out prompts × {r.samples_per_prompt} samples"
+    if r.changed_share is not None and r.changed_share < config.min_changed_share - _EPS:
+        holds.append(
+            f"hold: near no-op: only {r.changed_share:.0%} of the candidate's replies on "
+            f"{samples} differ from {active}'s drawn with the same seed; at least "
+            f"{config.min_changed_share:.0%} must change for users to see a difference")
     level = _level(r.confidence_z)
     if r.score_diff is None or r.score_lower_bound is None:
         holds.append(f"hold: cannot compare replies: {samples} (at least 2 prompts needed)")

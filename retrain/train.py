@@ -74,7 +74,10 @@ class TrainConfig:
     - ``kl_budget`` 0.15 nats/token of sampled-reply KL from the base on probe prompts
       (:mod:`retrain.budget`), checked every ``kl_check_every`` steps; after
       ``kl_patience`` checks in a row over it the round stops, and the adapter saved is
-      the one of the last check within budget. The gate's own limit is 0.3.
+      the one of the last check within budget. The gate's own limit is 0.3. The probe
+      samples up to ``kl_probe_tokens`` 256 tokens, as many as the gate does: with 64 a
+      round whose replies ran long read 0.127 in training and 0.35 at the gate (KL
+      grows along a reply as it drifts), so it passed its budget and was rejected.
     - ``start_from`` "base": each round trains a fresh LoRA on all the feedback so far.
 
     ``kto_steps``/``dpo_steps`` are upper bounds (0 skips a phase); with little data a
@@ -112,7 +115,7 @@ class TrainConfig:
     kl_patience: int = 3
     kl_probe_prompts: int = 16
     kl_probe_samples: int = 2
-    kl_probe_tokens: int = 64
+    kl_probe_tokens: int = 256
     start_from: str = "base"
 
     def validate(self) -> None:

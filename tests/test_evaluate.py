@@ -266,10 +266,15 @@ def test_a_no_op_adapter_is_held_not_promoted(tiny: Path, tmp_path: Path, rule_r
     assert report.score_diff == pytest.approx(0.0, abs=1e-9)  # the very same replies
     assert report.scorer.accuracy > 0.9 and report.n_heldout_rows == 30
     assert (report.n_heldout_prompts, report.n_prompts, report.samples_per_prompt) == (10, 6, 3)
+    assert report.changed_share == 0.0
     decision, reasons = gate_decision(report, SMALL_GATE)
     assert decision == "hold", reasons
-    assert reasons == [r for r in reasons if r.startswith("hold: candidate replies scored")]
-    assert "no evidence of improvement" in reasons[0] and "6 held-out prompts × 3" in reasons[0]
+    assert len(reasons) == 2, reasons
+    assert reasons[0] == ("hold: near no-op: only 0% of the candidate's replies on 6 held-out "
+                          "prompts × 3 samples differ from base's drawn with the same seed; at "
+                          "least 10% must change for users to see a difference")
+    assert reasons[1].startswith("hold: candidate replies scored")
+    assert "no evidence of improvement" in reasons[1] and "6 held-out prompts × 3" in reasons[1]
     json.dumps(report.to_dict())
     json.dumps(report.metrics())
 
@@ -342,6 +347,19 @@ def test_gate_holds_when_the_lower_bound_is_not_above_zero():
         "hold: candidate replies scored 0.512 vs v0002 0.508 by the feedback-trained scorer "
         "(difference +0.004, 95% lower bound -0.030 ≤ 0) on 20 held-out prompts × 4 samples: "
         "no evidence of improvement"]
+
+
+def test_gate_holds_a_near_no_op_whose_few_changed_replies_look_significant():
+    """Paired by seed, a candidate that changed 4 of 80 replies has 0 differences almost
+    everywhere, so a small gain on those few can clear the lower bound; users would not
+    see it, and the scorer's verdict on 4 replies is no evidence."""
+    decision, reasons = gate_decision(_report(changed_share=0.05))
+    assert decision == "hold" and len(reasons) == 1
+    assert reasons[0].startswith("hold: near no-op: only 5% of the candidate's replies on 20 "
+                                 "held-out prompts × 4 samples differ from v0002's")
+    assert gate_decision(_report(changed_share=0.1))[0] == "promote"
+    assert gate_decision(_report(changed_share=0.05),
+                         GateConfig(min_changed_share=0.0))[0] == "promote"
 
 
 def test_gate_holds_without_enough_held_out_evidence_and_gives_the_counts():
