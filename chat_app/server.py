@@ -152,6 +152,8 @@ def create_app(services: Services) -> FastAPI:
                            settings=ChatPageSettings(
         max_message_chars=settings.max_message_chars,
         default_system_prompt=settings.system_prompt,
+        down_reasons=Settings.reasons(settings.down_reasons),
+        up_reasons=Settings.reasons(settings.up_reasons),
         browser_state_secret=settings.resolved_session_secret(),
         sampling=SamplingParams(max_new_tokens=settings.max_new_tokens,
                                 temperature=settings.temperature, top_p=settings.top_p),

@@ -54,6 +54,11 @@ class Settings:
     max_queued: int = field(default=32, metadata=_meta(
         "requests waiting beyond those; more get 'busy, try again'"))
     system_prompt: str = field(default="", metadata=_meta("default system prompt"))
+    down_reasons: str = field(default="Inaccurate,Off topic,Too long,Too short,Unsafe",
+                              metadata=_meta(
+        "comma-separated reasons a user can give with a thumbs down (stored as tags)"))
+    up_reasons: str = field(default="Helpful,Clear", metadata=_meta(
+        "comma-separated reasons a user can give with a thumbs up (stored as tags)"))
     users: str = field(default="", metadata=_meta(
         "chat logins 'name:password,name2:password2'; empty: no login", secret=True))
     operator_user: str = field(default="", metadata=_meta("operator console login name"))
@@ -94,6 +99,11 @@ class Settings:
         "a canary still undecided after this many ratings (both versions) ends the same way"))
     canary_check_seconds: float = field(default=10.0, metadata=_meta(
         "how often the server applies the canary's decision rule"))
+
+    @staticmethod
+    def reasons(text: str) -> tuple[str, ...]:
+        """A comma-separated list of reasons as a tuple, blanks dropped."""
+        return tuple(r.strip() for r in text.split(",") if r.strip())
 
     @property
     def resolved_database_url(self) -> str:
@@ -147,7 +157,10 @@ class Settings:
             p.append("login_window_seconds and login_lockout_seconds must be positive")
         if self.canary_check_seconds <= 0:
             p.append("canary_check_seconds must be positive")
+        from chat_app.ui.options import reason_problems
         from feedback_store.canary import CanaryConfig
+
+        p += reason_problems(self.reasons(self.down_reasons), self.reasons(self.up_reasons))
 
         p += CanaryConfig(**self.canary_dict()).problems()
         if self.users:

@@ -335,6 +335,42 @@ def test_thumbs_on_a_user_message_or_unclicked_thumbs_store_nothing(
     assert store.counts() == before
 
 
+def test_a_reason_rates_the_reply_and_is_stored_as_its_tag(
+    ui: ChatHandlers, store: FeedbackStore
+) -> None:
+    session = chat(ui, "Why so long?", user_id="bob")
+    reply = session.thread[1]
+    down = ui.rate(session, 1, "Too long")
+    assert down.feedback == ["Dislike"] and not down.notice.is_error
+    assert down.notice.text == "Saved your thumbs down (Too long) on reply 1."
+    up = ui.rate(session, 1, "Helpful")
+    assert up.feedback == ["Like"]
+    events = [(e.kind, e.tags, e.user_id) for e in store.events_for(reply.id)]
+    assert events == [("down", ("Too long",), "bob"), ("up", ("Helpful",), "bob")]
+    (row,) = build_kto_rows(store)
+    assert row["label"] is True  # the latest vote counts, whatever its reason
+
+
+def test_an_unknown_reason_is_refused_and_stores_nothing(
+    ui: ChatHandlers, store: FeedbackStore
+) -> None:
+    session = chat(ui, "Hello")
+    before = store.counts()
+    refused = ui.rate(session, 1, "Boring" * 20)
+    assert refused.notice.is_error and "Unknown feedback option" in refused.notice.text
+    assert store.counts() == before
+    custom = make_handlers(store, ui.engine, down_reasons=("Boring",), up_reasons=())
+    assert not custom.rate(session, 1, "Boring").notice.is_error
+    assert custom.rate(session, 1, "Helpful").notice.is_error
+
+
+@pytest.mark.parametrize("reasons", [("Like",), ("Too long", "Too long"), ("",), (" padded",),
+                                     ("x" * 41,), ["Too long"], tuple(f"r{i}" for i in range(13))])
+def test_bad_reason_settings_are_refused(reasons: object) -> None:
+    with pytest.raises(ValueError, match="reason"):
+        ChatPageSettings(down_reasons=reasons, up_reasons=()).validate()  # type: ignore[arg-type]
+
+
 def test_comment_goes_to_the_selected_reply_or_else_the_last(
     ui: ChatHandlers, store: FeedbackStore
 ) -> None:

@@ -290,25 +290,38 @@ class ChatHandlers:
     # -- feedback ----------------------------------------------------------------------
 
     def rate(self, session: ChatSession, position: int, liked: Any) -> PageUpdate:
-        """Thumbs up (``liked=True``) or down (``False``) on the reply at ``position``.
+        """Thumbs up (``liked=True``) or down (``False``) on the reply at ``position``, or
+        a reason (one of the settings' ``down_reasons``/``up_reasons``): a thumbs down
+        (up) with the reason stored as the event's tag.
 
         A vote can be changed (the latest counts) but not withdrawn: clicking the same
-        thumb again (``liked`` neither True nor False) keeps the stored vote shown.
+        thumb again (``liked`` empty, as the Chatbot sends it) keeps the stored vote shown.
         """
         reply = session.reply_at(position)
         if reply is None:
             return self.view(session, error("Only a finished reply can be rated."))
-        if liked is not True and liked is not False:
+        tags: list[str] = []
+        if isinstance(liked, str) and liked:
+            rating = self.settings.reason_rating(liked)
+            if rating is None:
+                return self.view(session, error(f"Unknown feedback option {liked[:40]!r}; "
+                                                "nothing was saved."))
+            tags = [liked]
+        elif liked is True or liked is False:
+            rating = "up" if liked else "down"
+        else:
             return self.view(session, info("A vote can be changed but not withdrawn: "
                                            "click the other thumb to change it."))
-        rating = "up" if liked else "down"
         try:
-            self.store.rate(reply_id=reply.id, rating=rating, user_id=session.user_id)
+            self.store.rate(reply_id=reply.id, rating=rating, user_id=session.user_id,
+                            tags=tags or None)
         except StoreError as exc:
             return self.view(session, error(f"Your vote was not saved: {exc}"))
         session.votes[reply.id] = rating
-        word = "thumbs up" if liked else "thumbs down"
-        return self.view(session, info(f"Saved your {word} on reply {_number(session, position)}."))
+        word = "thumbs up" if rating == "up" else "thumbs down"
+        why = f" ({tags[0]})" if tags else ""
+        return self.view(session, info(
+            f"Saved your {word}{why} on reply {_number(session, position)}."))
 
     def comment(self, session: ChatSession, text: Any, position: int | None = None
                 ) -> PageUpdate:

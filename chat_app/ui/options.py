@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from chat_app.engine import SamplingParams
+
+DEFAULT_DOWN_REASONS = ("Inaccurate", "Off topic", "Too long", "Too short", "Unsafe")
+DEFAULT_UP_REASONS = ("Helpful", "Clear")
+MAX_REASONS = 12
+MAX_REASON_CHARS = 40
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,9 @@ class ChatPageSettings:
     ``browser_state_secret`` encrypts what the page keeps in the browser (the chat's id);
     with None a random secret is drawn at start, so open chats are not restored after a
     server restart. Several replicas behind one address need the same secret.
+    ``down_reasons`` / ``up_reasons`` are the reasons offered beside the thumbs (under
+    the reply's flag menu); picking one rates the reply down (up) and stores the reason
+    as the event's tag.
     """
 
     title: str = "Feedback chat"
@@ -27,6 +36,14 @@ class ChatPageSettings:
     show_system_prompt: bool = True
     browser_state_secret: str | None = None
     stream_interval_s: float = 0.05
+    down_reasons: tuple[str, ...] = DEFAULT_DOWN_REASONS
+    up_reasons: tuple[str, ...] = DEFAULT_UP_REASONS
+
+    def reason_rating(self, option: str) -> str | None:
+        """``"down"`` or ``"up"`` for a configured reason, else None."""
+        if option in self.down_reasons:
+            return "down"
+        return "up" if option in self.up_reasons else None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming every problem at once."""
@@ -56,5 +73,24 @@ class ChatPageSettings:
             0 <= self.stream_interval_s <= 5
         ):
             problems.append("stream_interval_s must be a number of seconds in [0, 5]")
+        problems += reason_problems(self.down_reasons, self.up_reasons)
         if problems:
             raise ValueError("invalid chat page settings: " + "; ".join(problems))
+
+
+def reason_problems(down: Any, up: Any) -> list[str]:
+    problems = []
+    for name, reasons in (("down_reasons", down), ("up_reasons", up)):
+        if not isinstance(reasons, tuple) or not all(
+                isinstance(r, str) and r.strip() == r and 0 < len(r) <= MAX_REASON_CHARS
+                for r in reasons):
+            problems.append(f"{name} must be a tuple of trimmed texts of 1-{MAX_REASON_CHARS} "
+                            f"characters, got {reasons!r}")
+            return problems
+    every = [*down, *up]
+    clash = sorted({r for r in every if every.count(r) > 1 or r in ("Like", "Dislike")})
+    if clash:
+        problems.append(f"each reason must be distinct and not Like/Dislike: {clash}")
+    if len(every) > MAX_REASONS:
+        problems.append(f"at most {MAX_REASONS} reasons in all, got {len(every)}")
+    return problems

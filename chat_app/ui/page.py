@@ -5,7 +5,9 @@ message ids); a ``gr.BrowserState`` (encrypted in the browser's localStorage) ho
 client key, conversation id and thread head, so a reload finds the chat again. The user
 name is Gradio's ``request.username`` when the operator turns logins on, else None.
 
-Thumbs are the Chatbot's feedback buttons (``like``), editing uses ``editable="all"``
+Thumbs are the Chatbot's feedback buttons (``like``); the configured reasons are its
+further feedback options, under each reply's flag menu (one pick rates and says why).
+Editing uses ``editable="all"``
 (``edit``), the retry icon and the Regenerate button regenerate (``retry``); after a
 regenerate two buttons record which reply is better. Gradio runs each event at most
 ``concurrency_limit`` at a time: call ``.queue(default_concurrency_limit=N)`` on the
@@ -42,7 +44,9 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         model_line = gr.Markdown(elem_id="model-line")
         chatbot = gr.Chatbot(
             label="Chat", elem_id="chat", height=460, editable="all",
-            feedback_options=("Like", "Dislike"), buttons=["copy", "copy_all"],
+            feedback_options=("Like", "Dislike", *settings.up_reasons,
+                              *settings.down_reasons),
+            buttons=["copy", "copy_all"],
             sanitize_html=True, placeholder="Say hello to start a chat.",
         )
         notice = gr.Markdown(elem_id="notice")
