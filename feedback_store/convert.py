@@ -34,6 +34,7 @@ def conversation(r: ConversationRow) -> Conversation:
         system_prompt=r.system_prompt,
         deleted_at=aware(r.deleted_at),
         deleted_by=r.deleted_by,
+        title=r.title,
     )
 
 

@@ -47,6 +47,7 @@ class ConversationRow(Base):
     # a deleted conversation keeps only this row, as the record of who deleted it and when
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     deleted_by: Mapped[str | None] = mapped_column(String(200))
+    title: Mapped[str | None] = mapped_column(String(200))  # set when the user renames it
 
 
 class MessageRow(Base):

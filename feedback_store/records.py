@@ -25,6 +25,7 @@ class Conversation:
     system_prompt: str | None
     deleted_at: datetime | None = None  # deleted: this record is all that is left
     deleted_by: str | None = None
+    title: str | None = None  # the name the user gave it, if any
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .convert import (
 )
 from .db import Database, upgrade
 from .errors import Conflict, InvalidInput, NotFound
+from .listing import ConversationLists
 from .models import ConversationRow, FeedbackEventRow, MessageRow
 from .records import (
     EVENT_KINDS,
@@ -66,7 +67,7 @@ class Limits:
     max_comment_chars: int = DEFAULT_MAX_COMMENT_CHARS
 
 
-class FeedbackStore:
+class FeedbackStore(ConversationLists):
     """Open with ``FeedbackStore.open(url)``; see the module docstring for the contract."""
 
     def __init__(self, db: Database, *, limits: Limits | None = None) -> None:
@@ -710,7 +711,7 @@ def _erase(s: Session, conv: ConversationRow, by: str | None) -> dict[str, int]:
               .values(parent_id=None, source_reply_id=None))
     messages = s.execute(delete(MessageRow)
                          .where(MessageRow.conversation_id == conv.id)).rowcount or 0
-    conv.system_prompt = None
+    conv.system_prompt = conv.title = None
     conv.deleted_at = datetime.now(UTC)
     conv.deleted_by = by
     s.flush()

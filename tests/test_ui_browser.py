@@ -198,6 +198,30 @@ def test_a_user_chats_rates_edits_regenerates_and_chooses_and_it_is_all_stored(
     page.screenshot(path=str(served["root"] / "after-reload.png"), full_page=True)
 
 
+def test_a_reason_from_the_flag_menu_rates_the_reply_and_is_stored_as_its_tag(
+    served: dict[str, Any], page: Page
+) -> None:
+    store: FeedbackStore = served["store"]
+    page.goto(served["url"])
+    page.wait_for_selector("#message textarea")
+    page.fill("#message textarea", "Tell me about rice")
+    page.click("#send")
+    wait_for("the reply to finish on the page", lambda: settled(page, 1))
+    conv_id = newest_conversation(store)
+    (reply,) = replies(store, conv_id)
+    options = page.locator("#chat .extra-feedback-option")
+    assert options.all_inner_texts() == ["Helpful", "Clear", "Inaccurate", "Off topic",
+                                         "Too long", "Too short", "Unsafe"]
+    page.hover('#chat button[aria-label="Feedback"]')
+    page.click('#chat .extra-feedback-option:has-text("Too long")')
+    wait_for("the tagged thumbs down",
+             lambda: [(e.kind, e.tags) for e in store.events_for(reply.id)]
+             == [("down", ("Too long",))],
+             state=lambda: store.events_for(reply.id))
+    wait_for("the notice", lambda: "thumbs down (Too long)" in page.inner_text("#notice"),
+             state=lambda: page.inner_text("#notice"))
+
+
 def test_an_empty_message_shows_an_error_and_stores_nothing(
     served: dict[str, Any], page: Page
 ) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from feedback_store import FeedbackStore, Message, StoreError
 
+from .conversations import ConversationListHandlers
 from .markup import typed_text
 from .options import ChatPageSettings
 from .session import ChatSession, new_client_key, restore_thread
@@ -35,7 +36,7 @@ log = logging.getLogger("chat_app.ui")
 MAX_CLIENT_KEY_CHARS = 200
 
 
-class ChatHandlers:
+class ChatHandlers(ConversationListHandlers):
     """Handlers over one store and one engine (shared by every browser)."""
 
     def __init__(self, *, store: FeedbackStore, engine: Any, settings: ChatPageSettings,

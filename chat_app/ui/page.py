@@ -9,7 +9,8 @@ Thumbs are the Chatbot's feedback buttons (``like``); the configured reasons are
 further feedback options, under each reply's flag menu (one pick rates and says why).
 Editing uses ``editable="all"``
 (``edit``), the retry icon and the Regenerate button regenerate (``retry``); after a
-regenerate two buttons record which reply is better. Gradio runs each event at most
+regenerate two buttons record which reply is better. A sidebar lists the user's chats
+(``conversations.py``): search, reopen, rename, delete (after a confirmation). Gradio runs each event at most
 ``concurrency_limit`` at a time: call ``.queue(default_concurrency_limit=N)`` on the
 returned Blocks to stream N replies at once (Gradio's own default is 1).
 """
@@ -32,6 +33,7 @@ from .view import PageUpdate
 __all__ = ["ChatPageSettings", "build_chat_page"]
 
 BROWSER_STORAGE_KEY = "feedback-chat-session"
+LIST_LABEL = "Chats, newest first"
 
 
 def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSettings,
@@ -40,6 +42,20 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
     ``router`` splits conversations between the active version and a canary."""
     handlers = ChatHandlers(store=store, engine=engine, settings=settings, router=router)
     with gr.Blocks(title=settings.title, analytics_enabled=False) as demo:
+        with gr.Sidebar(label="Your chats", open=True, elem_id="sidebar", width=290):
+            search = gr.Textbox(placeholder="Search your chats", show_label=False,
+                                elem_id="chat-search", max_lines=1)
+            chat_list = gr.Radio(choices=[], label=LIST_LABEL, elem_id="chat-list")
+            title_box = gr.Textbox(placeholder="A new name for this chat", show_label=False,
+                                   elem_id="chat-title", max_lines=1)
+            rename_btn = gr.Button("Rename this chat", size="sm", elem_id="rename-chat")
+            delete_btn = gr.Button("Delete this chat", size="sm", variant="stop",
+                                   elem_id="delete-chat")
+            with gr.Row(visible=False, elem_id="confirm-delete") as confirm_row:
+                gr.Markdown("Delete it for good, from training and exports too?")
+                confirm_btn = gr.Button("Yes, delete", size="sm", variant="stop",
+                                        elem_id="confirm-delete-yes")
+                cancel_btn = gr.Button("Keep it", size="sm", elem_id="confirm-delete-no")
         gr.Markdown(f"## {display_text(settings.title)}")
         model_line = gr.Markdown(elem_id="model-line")
         chatbot = gr.Chatbot(
@@ -187,18 +203,55 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         def on_new_chat(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
             return one(handlers.new_chat)(state_value, request=request)
 
+        def list_update(state_value: Any, search_text: Any) -> Any:
+            """The conversation list for the tab's owner, the open chat selected."""
+            if not isinstance(state_value, ChatSession):
+                return gr.Radio(choices=[], value=None)
+            items, problem = handlers.conversations(state_value, search_text)
+            ids = {c.id for c in items}
+            current = state_value.conversation_id
+            return gr.Radio(choices=[(c.title, c.id) for c in items],
+                            value=current if current in ids else None,
+                            label=f"⚠️ {problem}" if problem else LIST_LABEL)
+
+        def on_open(state_value: Any, chosen: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.open_conversation)(state_value, chosen, request=request)
+
+        def on_rename(state_value: Any, title: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.rename_conversation)(state_value, title, request=request)
+
+        def on_delete(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.delete_conversation)(state_value, request=request)
+
         quick = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
         stream = dict(outputs=outputs, show_progress="hidden")
         then = dict(fn=after_stream, inputs=[state], outputs=[stop_btn, choice_row],
                     show_progress="hidden", api_visibility="private", concurrency_limit=None)
-        demo.load(on_load, [memory], outputs, show_progress="hidden", api_visibility="private")
+        listed = dict(fn=list_update, inputs=[state, search], outputs=[chat_list],
+                      show_progress="hidden", api_visibility="private", concurrency_limit=None)
+        demo.load(on_load, [memory], outputs, show_progress="hidden",
+                  api_visibility="private").then(**listed)
         send_btn.click(on_send, [state, message, system_prompt], api_name="send",
-                       **stream).then(**then)
+                       **stream).then(**then).then(**listed)
         message.submit(on_send, [state, message, system_prompt], api_visibility="private",
-                       **stream).then(**then)
+                       **stream).then(**then).then(**listed)
         regen_btn.click(on_regenerate, [state], api_name="regenerate", **stream).then(**then)
         chatbot.retry(on_retry, [state], api_visibility="private", **stream).then(**then)
         chatbot.edit(on_edit, [state], api_visibility="private", **stream).then(**then)
+        search.change(**listed)
+        chat_list.input(on_open, [state, chat_list], api_visibility="private",
+                        **quick).then(**listed)
+        rename_btn.click(on_rename, [state, title_box], api_name="rename_chat",
+                         **quick).then(**listed)
+        title_box.submit(on_rename, [state, title_box], api_visibility="private",
+                         **quick).then(**listed)
+        delete_btn.click(lambda: gr.Row(visible=True), None, [confirm_row],
+                         show_progress="hidden", api_visibility="private")
+        cancel_btn.click(lambda: gr.Row(visible=False), None, [confirm_row],
+                         show_progress="hidden", api_visibility="private")
+        confirm_btn.click(on_delete, [state], api_name="delete_chat", **quick).then(
+            lambda: gr.Row(visible=False), None, [confirm_row], show_progress="hidden",
+            api_visibility="private").then(**listed)
         chatbot.like(on_like, [state], api_visibility="private", **quick)
         chatbot.select(on_select, [state], api_visibility="private", **quick)
         comment_btn.click(on_comment, [state, comment], api_name="comment", **quick)
@@ -206,7 +259,7 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         prev_better.click(on_prefer("previous"), [state], api_name="prefer_previous", **quick)
         new_better.click(on_prefer("new"), [state], api_name="prefer_new", **quick)
         stop_btn.click(on_stop, [state], api_name="stop", **quick)
-        new_btn.click(on_new_chat, [state], api_name="new_chat", **quick)
+        new_btn.click(on_new_chat, [state], api_name="new_chat", **quick).then(**listed)
         chatbot.clear(on_new_chat, [state], api_visibility="private", **quick)
     return demo
 
