@@ -222,6 +222,59 @@ def test_a_reason_from_the_flag_menu_rates_the_reply_and_is_stored_as_its_tag(
              state=lambda: page.inner_text("#notice"))
 
 
+def test_the_sidebar_lists_reopens_renames_and_deletes_chats(
+    served: dict[str, Any], page: Page
+) -> None:
+    store: FeedbackStore = served["store"]
+    page.goto(served["url"])
+    page.wait_for_selector("#message textarea")
+    chats = page.locator("#chat-list label")
+
+    def send(text: str, n_bot: int) -> int:
+        page.fill("#message textarea", text)
+        page.click("#send")
+        wait_for("the reply to finish on the page", lambda: settled(page, n_bot))
+        return newest_conversation(store)
+
+    first = send("Sidebar chat one", 1)
+    wait_for("the first chat in the list", lambda: chats.all_inner_texts() == ["Sidebar chat one"],
+             state=chats.all_inner_texts)
+    page.click("#new-chat")
+    second = send("Sidebar chat two", 1)
+    wait_for("both chats, newest first",
+             lambda: chats.all_inner_texts() == ["Sidebar chat two", "Sidebar chat one"],
+             state=chats.all_inner_texts)
+
+    # Reopen the first chat and continue it.
+    chats.filter(has_text="Sidebar chat one").click()
+    wait_for("the old chat on the page",
+             lambda: page.inner_text('#chat [data-testid="user"]') == "Sidebar chat one")
+    send("Continued", 2)
+    assert [m.content for m in store.messages(first) if m.role == "user"] == [
+        "Sidebar chat one", "Continued"]
+
+    # Search, rename.
+    page.fill("#chat-search textarea, #chat-search input", "two")
+    wait_for("the search result", lambda: chats.all_inner_texts() == ["Sidebar chat two"],
+             state=chats.all_inner_texts)
+    page.fill("#chat-search textarea, #chat-search input", "")
+    page.fill("#chat-title textarea, #chat-title input", "Renamed one")
+    page.click("#rename-chat")
+    wait_for("the new title", lambda: "Renamed one" in chats.all_inner_texts(),
+             state=chats.all_inner_texts)
+    assert store.get_conversation(first).title == "Renamed one"
+
+    # Delete the open chat, after the confirmation.
+    page.click("#delete-chat")
+    page.click("#confirm-delete-yes")
+    wait_for("the chat gone from the list", lambda: chats.all_inner_texts() == ["Sidebar chat two"],
+             state=chats.all_inner_texts)
+    assert store.get_conversation(first).deleted_at is not None
+    assert store.messages(first) == []
+    assert page.locator('#chat [data-testid="user"]').count() == 0
+    assert store.get_conversation(second).deleted_at is None
+
+
 def test_an_empty_message_shows_an_error_and_stores_nothing(
     served: dict[str, Any], page: Page
 ) -> None:
