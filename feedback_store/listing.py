@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from .convert import aware, check_id, check_label, check_text, check_user
 from .db import Database
 from .errors import InvalidInput, NotFound
-from .models import ConversationRow, MessageRow
+from .models import AdapterVersionRow, ConversationRow, FeedbackEventRow, MessageRow, TrainingRunRow
 
 MAX_TITLE_CHARS = 200
 MAX_SEARCH_CHARS = 200
@@ -38,6 +38,18 @@ class ConversationSummary:
     updated_at: datetime
     messages: int
     renamed: bool
+
+
+@dataclass(frozen=True)
+class VersionUpdate:
+    """What a version that serves now learnt from one owner: ``yours`` of the owner's
+    feedback events were in the data of the round that made it (``ratings`` thumbs
+    and pairs in all)."""
+
+    version: str
+    activated_at: datetime | None
+    ratings: int
+    yours: int
 
 
 def _owner_clause(user_id: str | None, client_key: str | None):  # type: ignore[no-untyped-def]
@@ -129,6 +141,30 @@ class ConversationLists:
         def work(s: Session) -> bool:
             return s.scalar(select(ConversationRow.id).where(
                 ConversationRow.id == cid, owner, ConversationRow.deleted_at.is_(None))) is not None
+
+        return self.db.run(work, write=False)
+
+    def feedback_in_version(self, version: str, *, user_id: str | None = None,
+                            client_key: str | None = None) -> VersionUpdate | None:
+        """How much of the owner's feedback went into ``version``'s training round (the
+        round's snapshot of events); None for an unknown version or one made without a
+        round (a manual import)."""
+        label = check_label(version, "version", max_chars=64)
+        owner = _owner_clause(user_id, client_key)
+
+        def work(s: Session) -> VersionUpdate | None:
+            row = s.get(AdapterVersionRow, label)
+            run = s.get(TrainingRunRow, row.run_id) if row is not None and row.run_id else None
+            if row is None or run is None or run.last_event_id is None:
+                return None
+            yours = s.scalar(
+                select(func.count(FeedbackEventRow.id))
+                .join(ConversationRow, ConversationRow.id == FeedbackEventRow.conversation_id)
+                .where(owner, FeedbackEventRow.id <= run.last_event_id,
+                       FeedbackEventRow.kind.in_(("up", "down", "edit", "choice")))) or 0
+            return VersionUpdate(version=row.version, activated_at=aware(row.activated_at),
+                                 ratings=(run.kto_rows or 0) + (run.dpo_rows or 0),
+                                 yours=int(yours))
 
         return self.db.run(work, write=False)
 

@@ -71,3 +71,26 @@ def test_rename_is_searchable_refused_for_others_and_erased_with_the_chat(
 def test_bad_list_requests_are_refused(store: FeedbackStore, kwargs: dict) -> None:
     with pytest.raises(InvalidInput):
         store.list_conversations(**kwargs)
+
+
+def test_feedback_in_version_counts_the_owners_events_in_the_rounds_snapshot(
+        store: FeedbackStore) -> None:
+    mine = _chat(store, "Rate me")
+    (reply,) = [m for m in store.messages(mine) if m.is_reply]
+    store.rate(reply_id=reply.id, rating="up")
+    store.rate(reply_id=reply.id, rating="down")
+    theirs = _chat(store, "Not mine", key="browser-2")
+    (other,) = [m for m in store.messages(theirs) if m.is_reply]
+    store.rate(reply_id=other.id, rating="up")
+    run = store.registry.start_run(trigger="manual")
+    store.registry.update_run(run.id, kto_rows=2, dpo_rows=0, last_event_id=store.last_event_id())
+    store.rate(reply_id=reply.id, rating="up")  # after the snapshot: not in this version
+    store.registry.update_run(run.id, status="succeeded")
+    store.registry.register_version(version="v0001", path="/nowhere", run_id=run.id)
+    store.registry.register_version(version="v0002", path="/nowhere")  # no round behind it
+    got = store.feedback_in_version("v0001", client_key="browser-1")
+    assert (got.version, got.ratings, got.yours) == ("v0001", 2, 2)
+    assert store.feedback_in_version("v0001", client_key="browser-2").yours == 1
+    assert store.feedback_in_version("v0001", user_id="nobody").yours == 0
+    assert store.feedback_in_version("v0002", client_key="browser-1") is None
+    assert store.feedback_in_version("v0404", client_key="browser-1") is None

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from tiny_models import make_tiny_model
+from transformers import AutoModelForCausalLM
 
 from chat_app.engine import Engine, EngineConfig, SamplingParams
+from chat_app.hotswap import AdapterWatcher
 from chat_app.ui.handlers import ChatHandlers
 from chat_app.ui.options import ChatPageSettings
 from chat_app.ui.session import ChatSession
@@ -23,9 +26,13 @@ SAMPLING = SamplingParams(max_new_tokens=12, temperature=0.8, seed=1)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    model = make_tiny_model(tmp_path_factory.mktemp("list-model") / "tiny")
-    eng = Engine.from_config(EngineConfig(model=str(model), torch_threads=1))
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("list-model") / "tiny")
+
+
+@pytest.fixture
+def engine(model_dir: Path) -> Iterator[Engine]:
+    eng = Engine.from_config(EngineConfig(model=str(model_dir), torch_threads=1))
     yield eng
     eng.close()
 
@@ -153,3 +160,37 @@ def test_owners_never_see_or_touch_each_others_chats(ui: ChatHandlers,
     assert titles(ui, elsewhere) == ["Alice's secret"]
     for bad in ("1", None, True, 10**9):
         assert ui.open_conversation(elsewhere, bad).notice.is_error
+
+
+def test_a_user_whose_feedback_trained_the_serving_version_is_told_once(
+        ui: ChatHandlers, store: FeedbackStore, engine: Engine, model_dir: Path,
+        tmp_path: Path) -> None:
+    rater, _ = ui.load(None, user_id="rater")
+    other, _ = ui.load(None, user_id="quiet")
+    chat(ui, rater, "Rate this")
+    ui.rate(rater, 1, True)
+    chat(ui, other, "Just chatting")
+    assert ui.update_notice(rater) is None  # the base serves: nothing was learnt yet
+    # a round snapshots the feedback so far and its version goes live
+    run = store.registry.start_run(trigger="manual")
+    store.registry.update_run(run.id, kto_rows=41, dpo_rows=3,
+                              last_event_id=store.last_event_id())
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                             LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(tmp_path / "v0001")
+    store.registry.update_run(run.id, status="succeeded")
+    store.registry.register_version(version="v0001", path=str(tmp_path / "v0001"),
+                                    run_id=run.id)
+    store.registry.activate("v0001")
+    AdapterWatcher(store.registry, engine).sync()
+    assert engine.active_version == "v0001"
+    line = ui.update_notice(rater)
+    assert line is not None and line.startswith(
+        "🎉 The model was updated with your feedback: version `v0001` has answered since ")
+    assert line.endswith("trained on 44 ratings and pairs, one of them yours.")
+    assert ui.update_notice(rater) is None  # once
+    assert ui.update_notice(other) is None  # chatted, never rated
+    again, _ = ui.load(rater.memory(), user_id="rater")  # a reload remembers it was shown
+    assert ui.update_notice(again) is None
+    fresh, _ = ui.load(None, user_id="rater")  # another browser: told there too, once
+    assert ui.update_notice(fresh) is not None

@@ -9,12 +9,15 @@ when (``FeedbackStore.delete_conversation``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from feedback_store import ConversationSummary, StoreError
 
 from .session import ChatSession, restore_thread
 from .view import PageUpdate, error, info
+
+log = logging.getLogger("chat_app.ui")
 
 
 class ConversationListHandlers:
@@ -23,8 +26,10 @@ class ConversationListHandlers:
 
     store: Any
     settings: Any
+    engine: Any
     view: Any
     _votes: Any
+    _route: Any
 
     @staticmethod
     def _owner(session: ChatSession) -> dict[str, str]:
@@ -41,6 +46,26 @@ class ConversationListHandlers:
             return self.store.list_conversations(**self._owner(session), search=text), None
         except StoreError as exc:
             return [], f"Your chats could not be listed: {exc}"
+
+    def update_notice(self, session: ChatSession) -> str | None:
+        """Once per version (remembered in the browser): when the version serving this tab
+        was trained on some of this user's feedback, a line saying so; else None."""
+        version = self._route(session.conversation_id) or self.engine.active_version
+        if not version or version == "base" or session.seen_update == version:
+            return None
+        try:
+            update = self.store.feedback_in_version(version, **self._owner(session))
+        except StoreError as exc:
+            log.warning("could not tell what %s learnt from this user: %s", version, exc)
+            return None
+        session.seen_update = version
+        if update is None or update.yours == 0:
+            return None
+        when = (f" since {update.activated_at:%Y-%m-%d %H:%M} UTC"
+                if update.activated_at is not None else "")
+        mine = "one of them yours" if update.yours == 1 else f"{update.yours} of them yours"
+        return (f"🎉 The model was updated with your feedback: version `{update.version}` "
+                f"has answered{when}, trained on {update.ratings} ratings and pairs, {mine}.")
 
     def open_conversation(self, session: ChatSession, conversation_id: Any) -> PageUpdate:
         """Show one of the owner's conversations, to read and continue it."""

@@ -89,6 +89,8 @@ class ChatHandlers(ConversationListHandlers):
             key = new_client_key()
         session = ChatSession(client_key=key, user_id=user_id,
                               system_prompt=self.settings.default_system_prompt)
+        seen = memory.get("seen_update")
+        session.seen_update = seen if isinstance(seen, str) and len(seen) <= 64 else None
         cid, head = memory.get("conversation_id"), memory.get("head_id")
         if not isinstance(cid, int) or isinstance(cid, bool):
             return session, self.view(session, reset_system_prompt=True)

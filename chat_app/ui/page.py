@@ -66,6 +66,7 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
             sanitize_html=True, placeholder="Say hello to start a chat.",
         )
         notice = gr.Markdown(elem_id="notice")
+        update_line = gr.Markdown(elem_id="update-notice")
         with gr.Row(equal_height=True):
             message = gr.Textbox(
                 placeholder=f"Your message (up to {settings.max_message_chars} characters); "
@@ -203,16 +204,20 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         def on_new_chat(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
             return one(handlers.new_chat)(state_value, request=request)
 
-        def list_update(state_value: Any, search_text: Any) -> Any:
-            """The conversation list for the tab's owner, the open chat selected."""
+        def list_update(state_value: Any, search_text: Any) -> tuple[Any, Any, Any]:
+            """The conversation list for the tab's owner, the open chat selected; and, once
+            per version, the line saying the model was updated with the user's feedback."""
             if not isinstance(state_value, ChatSession):
-                return gr.Radio(choices=[], value=None)
+                return gr.Radio(choices=[], value=None), gr.skip(), gr.skip()
             items, problem = handlers.conversations(state_value, search_text)
             ids = {c.id for c in items}
             current = state_value.conversation_id
-            return gr.Radio(choices=[(c.title, c.id) for c in items],
-                            value=current if current in ids else None,
-                            label=f"⚠️ {problem}" if problem else LIST_LABEL)
+            update = handlers.update_notice(state_value)
+            return (gr.Radio(choices=[(c.title, c.id) for c in items],
+                             value=current if current in ids else None,
+                             label=f"⚠️ {problem}" if problem else LIST_LABEL),
+                    gr.skip() if update is None else update,
+                    state_value.memory())
 
         def on_open(state_value: Any, chosen: Any, request: gr.Request) -> tuple[Any, ...]:
             return one(handlers.open_conversation)(state_value, chosen, request=request)
@@ -227,7 +232,8 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         stream = dict(outputs=outputs, show_progress="hidden")
         then = dict(fn=after_stream, inputs=[state], outputs=[stop_btn, choice_row],
                     show_progress="hidden", api_visibility="private", concurrency_limit=None)
-        listed = dict(fn=list_update, inputs=[state, search], outputs=[chat_list],
+        listed = dict(fn=list_update, inputs=[state, search],
+                      outputs=[chat_list, update_line, memory],
                       show_progress="hidden", api_visibility="private", concurrency_limit=None)
         demo.load(on_load, [memory], outputs, show_progress="hidden",
                   api_visibility="private").then(**listed)

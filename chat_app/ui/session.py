@@ -51,6 +51,7 @@ class ChatSession:
     selected: int | None = None
     generation: Any | None = None
     epoch: int = 0
+    seen_update: str | None = None  # the version whose "updated with your feedback" was shown
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -109,6 +110,7 @@ class ChatSession:
             "client_key": self.client_key,
             "conversation_id": self.conversation_id,
             "head_id": self.head_id,
+            "seen_update": self.seen_update,
         }
 
 
