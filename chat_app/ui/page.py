@@ -34,6 +34,15 @@ __all__ = ["ChatPageSettings", "build_chat_page"]
 
 BROWSER_STORAGE_KEY = "feedback-chat-session"
 LIST_LABEL = "Chats, newest first"
+# Runs in the browser once the page loads: Esc stops a streaming reply (Enter sends and
+# Shift+Enter adds a line are the message box's own keys).
+KEYS_JS = """() => {
+  document.addEventListener('keydown', (event) => {
+    if (event.key !== 'Escape') return;
+    const stop = document.querySelector('#stop');
+    if (stop && !stop.disabled) stop.click();
+  });
+}"""
 
 
 def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSettings,
@@ -232,6 +241,7 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         stream = dict(outputs=outputs, show_progress="hidden")
         then = dict(fn=after_stream, inputs=[state], outputs=[stop_btn, choice_row],
                     show_progress="hidden", api_visibility="private", concurrency_limit=None)
+        demo.load(None, None, None, js=KEYS_JS, api_visibility="private")
         listed = dict(fn=list_update, inputs=[state, search],
                       outputs=[chat_list, update_line, memory],
                       show_progress="hidden", api_visibility="private", concurrency_limit=None)

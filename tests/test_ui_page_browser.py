@@ -1,0 +1,124 @@
+"""The chat page's habits in a real headless Chromium, at desktop and phone widths:
+keyboard (Enter sends, Shift+Enter adds a line, Esc stops a reply), the system's dark
+mode, no sideways scrolling at 375 px, and an axe-core accessibility scan with no
+serious or critical violation. With FEEDBACK_CHAT_SCREENSHOTS=DIR set, the pages are
+also saved there as PNGs (the README's screenshots come from this run).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from playwright.sync_api import Page, sync_playwright
+from test_ui_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    free_port,
+    newest_conversation,
+    replies,
+    settled,
+    streaming,
+    wait_for,
+)
+from tiny_models import make_tiny_model
+
+from chat_app.engine import Engine, EngineConfig, SamplingParams
+from chat_app.ui.page import ChatPageSettings, build_chat_page
+from feedback_store import FeedbackStore
+
+pytestmark = pytest.mark.browser
+torch.set_num_threads(1)
+
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 375, "height": 740}
+SERIOUS = ("serious", "critical")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("ui-page")
+    engine = Engine.from_config(EngineConfig(model=str(make_tiny_model(root / "tiny")),
+                                             torch_threads=1))
+    store = FeedbackStore.open(f"sqlite:///{root / 'feedback.db'}")
+    settings = ChatPageSettings(
+        sampling=SamplingParams(max_new_tokens=400, temperature=0.8, seed=7),
+        stream_interval_s=0.02, browser_state_secret="test-secret")
+    demo = build_chat_page(store=store, engine=engine, settings=settings)
+    demo.queue(default_concurrency_limit=4)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}/", "store": store}
+    finally:
+        demo.close()
+        engine.close()
+        store.close()
+
+
+def open_page(p: Any, viewport: dict[str, int], **context: Any) -> Page:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    return browser.new_context(viewport=viewport, **context).new_page()
+
+
+def screenshot(page: Page, name: str) -> None:
+    folder = os.environ.get("FEEDBACK_CHAT_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name))
+
+
+def serious_violations(page: Page) -> list[tuple[str, str, int]]:
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page).response["violations"]
+    return [(v["id"], v["impact"], len(v["nodes"])) for v in found if v["impact"] in SERIOUS]
+
+
+def test_enter_sends_shift_enter_adds_a_line_and_esc_stops_the_reply(
+        served: dict[str, Any]) -> None:
+    store: FeedbackStore = served["store"]
+    with sync_playwright() as p:
+        page = open_page(p, DESKTOP)
+        page.goto(served["url"])
+        box = page.locator("#message textarea")
+        box.click()
+        box.type("line one")
+        page.keyboard.press("Shift+Enter")
+        box.type("line two")
+        page.keyboard.press("Enter")
+        wait_for("the reply to start", lambda: streaming(page, 1))
+        conv = newest_conversation(store)
+        assert store.messages(conv)[0].content == "line one\nline two"
+        page.keyboard.press("Escape")
+        wait_for("the stop", lambda: settled(page, 1))
+        (reply,) = wait_for("the stored reply", lambda: replies(store, conv))
+        assert reply.finish_reason == "cancelled" and reply.completion_tokens < 400
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_the_page_works_at_desktop_and_phone_width_in_dark_mode_and_passes_axe(
+        served: dict[str, Any], viewport: dict[str, int]) -> None:
+    store: FeedbackStore = served["store"]
+    name = "desktop" if viewport is DESKTOP else "phone"
+    with sync_playwright() as p:
+        page = open_page(p, viewport, color_scheme="dark")
+        page.goto(served["url"])
+        page.wait_for_selector("#message textarea")
+        assert page.evaluate("document.body.classList.contains('dark')"), "dark mode"
+        page.fill("#message textarea", "Hello from a " + name)
+        page.locator("#send").click()
+        wait_for("the reply to start", lambda: streaming(page, 1))
+        page.locator("#stop").click()
+        wait_for("the reply to settle", lambda: settled(page, 1))
+        conv = newest_conversation(store)
+        assert store.messages(conv)[0].content == "Hello from a " + name
+        wait_for("the chat in the list", lambda: page.locator("#chat-list label").count() == 1)
+        width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1] + 1, f"sideways scrolling at {name} width: {width}"
+        screenshot(page, f"chat-{name}.png")
+        assert serious_violations(page) == []
