@@ -5,6 +5,9 @@ runs ``python -m retrain.worker`` as a child process with its log in
 ``ADAPTERS_DIR/../runs/run-N.log``. Whatever happens to the child, a crash, an
 out-of-memory kill, a SIGKILL, the run ends in a final state: if the worker could
 not say so itself, the parent marks it failed with the exit code and the log tail.
+The other way round, a worker whose parent dies (a trainer or server killed mid-round)
+marks its run failed and exits (``retrain.worker``, ``PARENT_ENV``), so the run slot
+is freed at once rather than when the heartbeat goes stale.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from feedback_store import FeedbackStore, TrainingRun
 
 from .config import RetrainSettings
+from .worker import PARENT_ENV
 
 log = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "rejected")
@@ -60,7 +64,8 @@ def start_round(
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "retrain.worker", str(run.id), settings.to_json()],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())},
                 start_new_session=True,
             )
     except OSError as exc:

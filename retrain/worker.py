@@ -16,7 +16,7 @@ goes, and a heartbeat thread keeps the row fresh so a dead worker is noticed.
 
 Any failure marks the run failed with its error; the serving process is untouched.
 For tests, FEEDBACK_CHAT_RETRAIN_FAULT=exception|oom|kill makes the first training
-step fail in that way.
+step fail in that way, and =hang makes it take ten minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,26 @@ from .publish import data_hash, publish, temp_dir
 
 log = logging.getLogger("retrain.worker")
 FAULT_ENV = "FEEDBACK_CHAT_RETRAIN_FAULT"
+PARENT_ENV = "FEEDBACK_CHAT_WORKER_PARENT"  # the pid of the process that started the worker
+
+
+def _watch_parent(settings: RetrainSettings, run_id: int, parent: int,
+                  every: float = 1.0) -> None:
+    """Fail the run and exit when the process that started this worker is gone (the
+    worker is then re-parented, so ``os.getppid()`` changes): nobody is left to wait for
+    the round, and the run slot must not stay taken until the heartbeat goes stale."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    log.error("the process that started run %d (pid %d) stopped; abandoning the round",
+              run_id, parent)
+    try:
+        reg = FeedbackStore.open(settings.database_url).registry
+        if reg.get_run(run_id).status in ("queued", "running"):
+            reg.update_run(run_id, status="failed", progress={"phase": "failed"},
+                           error=f"the process that started this round (pid {parent}) "
+                                 "stopped before it finished; the round was abandoned")
+    finally:
+        os._exit(3)
 
 
 class _Heartbeat:
@@ -70,6 +90,8 @@ def _inject_fault() -> None:
         raise torch.OutOfMemoryError("CUDA out of memory (injected by " + FAULT_ENV + ")")
     if fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "hang":  # a round that takes long: something to interrupt
+        time.sleep(600)
 
 
 def run_round(run_id: int, settings: RetrainSettings) -> str:
@@ -188,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     run_id, settings = int(argv[0]), RetrainSettings.coerce(__import__("json").loads(argv[1]))
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit():
+        threading.Thread(target=_watch_parent, args=(settings, run_id, int(parent)),
+                         daemon=True, name="watch-parent").start()
     try:
         status = run_round(run_id, settings)
         log.info("run %d finished: %s", run_id, status)

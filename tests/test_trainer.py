@@ -4,6 +4,7 @@ running real rounds on the feedback a front-end stored."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ from feedback_store import FeedbackStore
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_the_trainer_runs_scheduled_rounds_and_reports_them(tmp_path: Path) -> None:
+def _start_trainer(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, FeedbackStore, str]:
+    """A ``feedback-chat trainer`` over a SQLite store seeded with feedback, answering."""
     model = make_tiny_model(tmp_path / "model")
     data = tmp_path / "data"
     url = f"sqlite:///{data / 'feedback.db'}"
@@ -28,24 +30,33 @@ def test_the_trainer_runs_scheduled_rounds_and_reports_them(tmp_path: Path) -> N
     store = FeedbackStore.open(url)
     seed_preferences(store, rounds=1)
     port = free_port()
-    env = {**os.environ, "FEEDBACK_CHAT_TRAIN_KTO_STEPS": "3", "FEEDBACK_CHAT_TRAIN_DPO_STEPS": "3"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "chat_app.cli", "trainer", "--data-dir", str(data), "--model",
          str(model), "--port", str(port), "--retrain-interval-minutes", "0.02",
          "--retrain-min-feedback", "10", "--device", "cpu"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env={**os.environ, "FEEDBACK_CHAT_TRAIN_KTO_STEPS": "3",
+             "FEEDBACK_CHAT_TRAIN_DPO_STEPS": "3", **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                return proc, store, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out = proc.communicate(timeout=30)[0].decode(errors="replace")
+            store.close()
+            pytest.fail(f"the trainer did not start:\n{out[-3000:]}")
+        time.sleep(0.2)
+
+
+def test_the_trainer_runs_scheduled_rounds_and_reports_them(tmp_path: Path) -> None:
+    proc, store, base = _start_trainer(tmp_path)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                health = httpx.get(base + "/healthz", timeout=2)
-                if health.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "the trainer did not start"
-            time.sleep(0.2)
+        health = httpx.get(base + "/healthz", timeout=2)
         body = health.json()
         assert body["status"] == "ok" and body["schedule"]["min_feedback"] == 10
         deadline = time.time() + 300
@@ -64,3 +75,28 @@ def test_the_trainer_runs_scheduled_rounds_and_reports_them(tmp_path: Path) -> N
         out = proc.communicate(timeout=30)[0].decode(errors="replace")
         store.close()
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_killing_the_trainer_mid_round_fails_the_run_and_frees_the_slot(tmp_path: Path) -> None:
+    proc, store, _ = _start_trainer(tmp_path, FEEDBACK_CHAT_RETRAIN_FAULT="hang")
+    try:
+        deadline = time.time() + 120
+        while not [r for r in store.registry.list_runs() if r.status == "running"]:
+            assert time.time() < deadline, "no round started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)  # the trainer dies; its worker is still training
+        proc.wait(timeout=30)
+        deadline = time.time() + 60
+        while (run := store.registry.list_runs()[-1]).status == "running":
+            assert time.time() < deadline, "the abandoned run is still marked running"
+            time.sleep(0.2)
+        assert run.status == "failed", run
+        assert "stopped before it finished" in (run.error or ""), run.error
+        assert store.registry.current_run() is None
+        again = store.registry.start_run(trigger="manual")  # the slot is free at once
+        store.registry.update_run(again.id, status="failed", error="test cleanup")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        store.close()
