@@ -52,10 +52,12 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
     handlers = ChatHandlers(store=store, engine=engine, settings=settings, router=router)
     with gr.Blocks(title=settings.title, analytics_enabled=False) as demo:
         with gr.Sidebar(label="Your chats", open=True, elem_id="sidebar", width=290):
-            search = gr.Textbox(placeholder="Search your chats", show_label=False,
+            search = gr.Textbox(label="Search your chats", placeholder="Search your chats",
+                                show_label=False,
                                 elem_id="chat-search", max_lines=1)
             chat_list = gr.Radio(choices=[], label=LIST_LABEL, elem_id="chat-list")
-            title_box = gr.Textbox(placeholder="A new name for this chat", show_label=False,
+            title_box = gr.Textbox(label="New name for this chat",
+                                   placeholder="A new name for this chat", show_label=False,
                                    elem_id="chat-title", max_lines=1)
             rename_btn = gr.Button("Rename this chat", size="sm", elem_id="rename-chat")
             delete_btn = gr.Button("Delete this chat", size="sm", variant="stop",
@@ -78,7 +80,7 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         update_line = gr.Markdown(elem_id="update-notice")
         with gr.Row(equal_height=True):
             message = gr.Textbox(
-                placeholder=f"Your message (up to {settings.max_message_chars} characters); "
+                label="Your message", placeholder=f"Your message (up to {settings.max_message_chars} characters); "
                             "Enter sends", show_label=False, scale=6, lines=1, max_lines=8,
                 elem_id="message", autofocus=True,
             )
@@ -93,13 +95,14 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
             new_better = gr.Button("New is better", size="sm", elem_id="prefer-new")
         with gr.Row(equal_height=True):
             comment = gr.Textbox(
-                placeholder="A comment on the last reply (click a reply to pick another)",
+                label="Comment on a reply", placeholder="A comment on the last reply (click a reply to pick another)",
                 show_label=False, scale=6, elem_id="comment",
             )
             comment_btn = gr.Button("Add comment", size="sm", scale=1, elem_id="add-comment")
         with gr.Accordion("System prompt", open=False, visible=settings.show_system_prompt):
             system_prompt = gr.Textbox(
-                value=settings.default_system_prompt, show_label=False, lines=2,
+                label="System prompt", value=settings.default_system_prompt, show_label=False,
+                lines=2,
                 placeholder="Instructions for the model; fixed once the chat has started",
                 elem_id="system-prompt",
             )
