@@ -24,6 +24,7 @@ import pytest
 import torch
 from feedback_data import seed_preferences
 from live_server import LiveServer, live_server
+from screenshots import readme_screenshot
 from tiny_models import make_tiny_model
 
 from chat_app.console import CONSOLE_PATH, mount_console
@@ -169,6 +170,7 @@ def test_an_operator_reviews_feedback_retrains_rolls_back_and_exports(
     conv_text = page.inner_text("#conversation")
     assert "edit (of #" in conv_text and "edited by user" in conv_text
     page.screenshot(path=str(root / "console-conversation.png"), full_page=True)
+    readme_screenshot(page, "console-feedback.png")
 
     # A hostile conversation is shown as text.
     apply_filters(page, user="mallory")
@@ -201,6 +203,7 @@ def test_an_operator_reviews_feedback_retrains_rolls_back_and_exports(
     wait_for("both phases in the loss plot", lambda: "dpo" in page.inner_text("#loss-plot")
              and "kto" in page.inner_text("#loss-plot"))
     page.screenshot(path=str(root / "console-run-done.png"), full_page=True)
+    readme_screenshot(page, "console-training.png")
 
     # Adapters: promote the candidate if the gate did not, see the server switch, roll back.
     version = run.candidate_version

@@ -7,14 +7,13 @@ also saved there as PNGs (the README's screenshots come from this run).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from playwright.sync_api import Page, sync_playwright
+from screenshots import readme_screenshot
 from test_ui_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -65,13 +64,6 @@ def open_page(p: Any, viewport: dict[str, int], **context: Any) -> Page:
     return browser.new_context(viewport=viewport, **context).new_page()
 
 
-def screenshot(page: Page, name: str) -> None:
-    folder = os.environ.get("FEEDBACK_CHAT_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / name))
-
-
 def serious_violations(page: Page) -> list[tuple[str, str, int]]:
     from axe_playwright_python.sync_playwright import Axe
 
@@ -120,5 +112,5 @@ def test_the_page_works_at_desktop_and_phone_width_in_dark_mode_and_passes_axe(
         wait_for("the chat in the list", lambda: page.locator("#chat-list label").count() == 1)
         width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
         assert width[0] <= width[1] + 1, f"sideways scrolling at {name} width: {width}"
-        screenshot(page, f"chat-{name}.png")
+        readme_screenshot(page, f"chat-{name}.png")
         assert serious_violations(page) == []
