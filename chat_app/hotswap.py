@@ -82,6 +82,10 @@ class AdapterWatcher:
     def canary_running(self) -> bool:
         return self.canary is not None
 
+    def canary_version(self) -> str | None:
+        canary = self.canary
+        return canary.version if canary is not None else None
+
     def version_for(self, conversation_id: int | None) -> str | None:
         """The version that serves ``conversation_id`` (None: the active one)."""
         canary = self.canary

@@ -49,6 +49,9 @@ class Services:
     def canary_running(self) -> bool:
         return self.watcher is not None and self.watcher.canary_running()
 
+    def canary_version(self) -> str | None:
+        return self.watcher.canary_version() if self.watcher is not None else None
+
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown()

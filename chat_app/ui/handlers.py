@@ -24,6 +24,7 @@ from typing import Any
 
 from feedback_store import FeedbackStore, Message, StoreError
 
+from .compare import SideBySideHandlers
 from .conversations import ConversationListHandlers
 from .markup import typed_text
 from .options import ChatPageSettings
@@ -36,7 +37,7 @@ log = logging.getLogger("chat_app.ui")
 MAX_CLIENT_KEY_CHARS = 200
 
 
-class ChatHandlers(ConversationListHandlers):
+class ChatHandlers(ConversationListHandlers, SideBySideHandlers):
     """Handlers over one store and one engine (shared by every browser)."""
 
     def __init__(self, *, store: FeedbackStore, engine: Any, settings: ChatPageSettings,

@@ -89,6 +89,18 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         with gr.Row():
             regen_btn = gr.Button("Regenerate last reply", size="sm", elem_id="regenerate")
             new_btn = gr.Button("New chat", size="sm", elem_id="new-chat")
+            compare_btn = gr.Button("Compare with another version", size="sm",
+                                    elem_id="compare")
+        with gr.Group(visible=False, elem_id="side-by-side") as side_group:
+            gr.Markdown("Two replies to your last message, from two versions of the model. "
+                        "Which is better?")
+            with gr.Row(equal_height=True):
+                side_a = gr.Markdown(elem_id="side-a", container=True)
+                side_b = gr.Markdown(elem_id="side-b", container=True)
+            with gr.Row():
+                pick_a = gr.Button("A is better", size="sm", elem_id="pick-a")
+                pick_b = gr.Button("B is better", size="sm", elem_id="pick-b")
+                pick_none = gr.Button("Both are bad", size="sm", elem_id="pick-both-bad")
         with gr.Row(visible=False, elem_id="choice") as choice_row:
             gr.Markdown("Which reply is better?")
             prev_better = gr.Button("Previous was better", size="sm", elem_id="prefer-previous")
@@ -216,6 +228,23 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         def on_new_chat(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
             return one(handlers.new_chat)(state_value, request=request)
 
+        def side_update(state_value: Any) -> tuple[Any, Any, Any]:
+            """The side-by-side panel: shown with its two replies while a pick is awaited."""
+            texts = state_value.side_by_side_texts if isinstance(state_value, ChatSession) \
+                else None
+            if texts is None:
+                return gr.Group(visible=False), "", ""
+            return (gr.Group(visible=True), f"**A**\n\n{display_text(texts[0])}",
+                    f"**B**\n\n{display_text(texts[1])}")
+
+        def on_compare(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.compare)(state_value, request=request)
+
+        def on_pick(pick: str) -> Callable[..., tuple[Any, ...]]:
+            def run(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+                return one(handlers.pick_side)(state_value, pick, request=request)
+            return run
+
         def list_update(state_value: Any, search_text: Any) -> tuple[Any, Any, Any]:
             """The conversation list for the tab's owner, the open chat selected; and, once
             per version, the line saying the model was updated with the user's feedback."""
@@ -250,16 +279,23 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
                       show_progress="hidden", api_visibility="private", concurrency_limit=None)
         demo.load(on_load, [memory], outputs, show_progress="hidden",
                   api_visibility="private").then(**listed)
+        sided = dict(fn=side_update, inputs=[state], outputs=[side_group, side_a, side_b],
+                     show_progress="hidden", api_visibility="private", concurrency_limit=None)
         send_btn.click(on_send, [state, message, system_prompt], api_name="send",
-                       **stream).then(**then).then(**listed)
+                       **stream).then(**then).then(**listed).then(**sided)
         message.submit(on_send, [state, message, system_prompt], api_visibility="private",
-                       **stream).then(**then).then(**listed)
-        regen_btn.click(on_regenerate, [state], api_name="regenerate", **stream).then(**then)
+                       **stream).then(**then).then(**listed).then(**sided)
+        regen_btn.click(on_regenerate, [state], api_name="regenerate", **stream).then(
+            **then).then(**sided)
         chatbot.retry(on_retry, [state], api_visibility="private", **stream).then(**then)
         chatbot.edit(on_edit, [state], api_visibility="private", **stream).then(**then)
         search.change(**listed)
+        compare_btn.click(on_compare, [state], api_name="compare", outputs=outputs,
+                          show_progress="minimal").then(**sided)
+        for button, pick in ((pick_a, "a"), (pick_b, "b"), (pick_none, "both_bad")):
+            button.click(on_pick(pick), [state], api_name=f"pick_{pick}", **quick).then(**sided)
         chat_list.input(on_open, [state, chat_list], api_visibility="private",
-                        **quick).then(**listed)
+                        **quick).then(**listed).then(**sided)
         rename_btn.click(on_rename, [state, title_box], api_name="rename_chat",
                          **quick).then(**listed)
         title_box.submit(on_rename, [state, title_box], api_visibility="private",
@@ -278,7 +314,8 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         prev_better.click(on_prefer("previous"), [state], api_name="prefer_previous", **quick)
         new_better.click(on_prefer("new"), [state], api_name="prefer_new", **quick)
         stop_btn.click(on_stop, [state], api_name="stop", **quick)
-        new_btn.click(on_new_chat, [state], api_name="new_chat", **quick).then(**listed)
+        new_btn.click(on_new_chat, [state], api_name="new_chat", **quick).then(
+            **listed).then(**sided)
         chatbot.clear(on_new_chat, [state], api_visibility="private", **quick)
     return demo
 

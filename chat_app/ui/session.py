@@ -52,6 +52,8 @@ class ChatSession:
     generation: Any | None = None
     epoch: int = 0
     seen_update: str | None = None  # the version whose "updated with your feedback" was shown
+    side_by_side: tuple[int, int] | None = None  # reply ids shown as A and B, awaiting a pick
+    side_by_side_texts: tuple[str, str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -103,6 +105,7 @@ class ChatSession:
         self.votes = {}
         self.pending_choice = None
         self.selected = None
+        self.side_by_side = self.side_by_side_texts = None
 
     def memory(self) -> dict[str, Any]:
         """What the browser keeps, to find this chat again after a reload."""

@@ -86,6 +86,7 @@ class ReplyStreamer:
             return
         session.thread, session.generation = prefix, gen
         session.pending_choice = session.selected = None
+        session.side_by_side = session.side_by_side_texts = None
         ended = False
         try:
             yield self.view(session, message_box="" if clear_box else None)

@@ -1,0 +1,106 @@
+"""Side by side, through the chat page's handlers with a real engine, adapter and store:
+the last reply beside another version's, unlabelled in a random order; the pick is a
+preference pair across versions in the DPO export; "both bad" is two thumbs down."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from chat_app.engine import Engine, EngineConfig, SamplingParams
+from chat_app.hotswap import AdapterWatcher
+from chat_app.ui.handlers import ChatHandlers
+from chat_app.ui.options import ChatPageSettings
+from feedback_store import FeedbackStore
+from feedback_store.export import rows_for
+
+torch.set_num_threads(1)
+SAMPLING = SamplingParams(max_new_tokens=12, temperature=0.8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("compare-model") / "tiny")
+
+
+@pytest.fixture
+def served(model_dir: Path, tmp_path: Path) -> Iterator[tuple[ChatHandlers, FeedbackStore]]:
+    engine = Engine.from_config(EngineConfig(model=str(model_dir), torch_threads=1))
+    store = FeedbackStore.open(f"sqlite:///{tmp_path / 'feedback.db'}")
+    ui = ChatHandlers(store=store, engine=engine,
+                      settings=ChatPageSettings(sampling=SAMPLING, stream_interval_s=0.0))
+    yield ui, store
+    engine.close()
+    store.close()
+
+
+def serve_an_adapter(ui: ChatHandlers, store: FeedbackStore, model_dir: Path,
+                     folder: Path) -> None:
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    peft_model.save_pretrained(folder)
+    store.registry.register_version(version="v0001", path=str(folder))
+    store.registry.activate("v0001")
+    AdapterWatcher(store.registry, ui.engine).sync()
+    assert ui.engine.active_version == "v0001"
+
+
+def test_with_only_the_base_serving_there_is_nothing_to_compare(served) -> None:  # type: ignore[no-untyped-def]
+    ui, store = served
+    session, _ = ui.load(None)
+    assert ui.compare(session).notice.is_error  # no reply yet
+    list(ui.send(session, "Hello"))
+    before = store.counts()
+    refused = ui.compare(session)
+    assert refused.notice.is_error and "Only one version" in refused.notice.text
+    assert store.counts() == before and session.side_by_side is None
+    assert ui.pick_side(session, "a").notice.is_error
+
+
+def test_a_pick_is_a_preference_pair_across_versions(served, model_dir: Path,  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path) -> None:
+    ui, store = served
+    serve_an_adapter(ui, store, model_dir, tmp_path / "v0001")
+    session, _ = ui.load(None)
+    list(ui.send(session, "Which is better?"))
+    first = session.thread[-1]
+    assert first.adapter_version == "v0001"
+    shown = ui.compare(session)
+    assert not shown.notice.is_error and session.side_by_side is not None
+    a, b = session.side_by_side
+    replies = {m.id: m for m in store.siblings(first.id)} | {first.id: first}
+    assert {replies[a].adapter_version, replies[b].adapter_version} == {"v0001", "base"}
+    assert session.side_by_side_texts == (replies[a].content, replies[b].content)
+    assert shown.history[-1]["content"]  # the chat still shows one reply until the pick
+    assert ui.pick_side(session, "c").notice.is_error  # not a pick: nothing stored
+    done = ui.pick_side(session, "b")
+    assert not done.notice.is_error and session.side_by_side is None
+    assert session.thread[-1].id == b  # the chat goes on from the chosen reply
+    (row,) = rows_for(store, "dpo")
+    assert row["chosen"][0]["content"] == replies[b].content
+    assert row["rejected"][0]["content"] == replies[a].content
+
+
+def test_both_bad_is_a_thumbs_down_on_each(served, model_dir: Path,  # type: ignore[no-untyped-def]
+                                           tmp_path: Path) -> None:
+    ui, store = served
+    serve_an_adapter(ui, store, model_dir, tmp_path / "v0001")
+    session, _ = ui.load(None)
+    list(ui.send(session, "Say something"))
+    ui.compare(session)
+    a, b = session.side_by_side
+    assert not ui.pick_side(session, "both_bad").notice.is_error
+    assert [e.kind for e in store.events_for(a)] == ["down"]
+    assert [e.kind for e in store.events_for(b)] == ["down"]
+    assert rows_for(store, "dpo") == [] and len(rows_for(store, "kto")) == 2
