@@ -7,11 +7,15 @@ also saved there as PNGs (the README's screenshots come from this run).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from playwright.sync_api import Page, sync_playwright
 from screenshots import readme_screenshot
 from test_ui_browser import (
@@ -25,8 +29,10 @@ from test_ui_browser import (
     wait_for,
 )
 from tiny_models import make_tiny_model
+from transformers import AutoModelForCausalLM
 
 from chat_app.engine import Engine, EngineConfig, SamplingParams
+from chat_app.hotswap import AdapterWatcher
 from chat_app.ui.page import ChatPageSettings, build_chat_page
 from feedback_store import FeedbackStore
 
@@ -41,9 +47,21 @@ SERIOUS = ("serious", "critical")
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("ui-page")
-    engine = Engine.from_config(EngineConfig(model=str(make_tiny_model(root / "tiny")),
-                                             torch_threads=1))
+    model = make_tiny_model(root / "tiny")
+    engine = Engine.from_config(EngineConfig(model=str(model), torch_threads=1))
     store = FeedbackStore.open(f"sqlite:///{root / 'feedback.db'}")
+    # an adapter serves, so "Compare with another version" has the base to compare with
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    adapter.save_pretrained(root / "v0001")
+    store.registry.register_version(version="v0001", path=str(root / "v0001"))
+    store.registry.activate("v0001")
+    AdapterWatcher(store.registry, engine).sync()
     settings = ChatPageSettings(
         sampling=SamplingParams(max_new_tokens=400, temperature=0.8, seed=7),
         stream_interval_s=0.02, browser_state_secret="test-secret")
@@ -52,7 +70,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield {"url": f"http://127.0.0.1:{port}/", "store": store}
+        yield {"url": f"http://127.0.0.1:{port}/", "store": store, "root": root}
     finally:
         demo.close()
         engine.close()
@@ -114,3 +132,37 @@ def test_the_page_works_at_desktop_and_phone_width_in_dark_mode_and_passes_axe(
         assert width[0] <= width[1] + 1, f"sideways scrolling at {name} width: {width}"
         readme_screenshot(page, f"chat-{name}.png")
         assert serious_violations(page) == []
+
+
+def test_a_side_by_side_pick_is_a_preference_pair_in_the_dpo_export(
+        served: dict[str, Any]) -> None:
+    store: FeedbackStore = served["store"]
+    with sync_playwright() as p:
+        page = open_page(p, DESKTOP)
+        page.goto(served["url"])
+        page.wait_for_selector("#message textarea")
+        page.fill("#message textarea", "Compare these")
+        page.locator("#send").click()
+        wait_for("the reply to start", lambda: streaming(page, 1))
+        page.locator("#stop").click()
+        wait_for("the reply to settle", lambda: settled(page, 1))
+        assert not page.locator("#side-by-side").is_visible()
+        page.locator("#compare").click()
+        wait_for("the two replies side by side", lambda: page.locator("#side-by-side")
+                 .is_visible() and "A" in page.inner_text("#side-a"))
+        conv = newest_conversation(store)
+        first, second = replies(store, conv)
+        assert {first.adapter_version, second.adapter_version} == {"v0001", "base"}
+        shown_a = page.inner_text("#side-a")
+        page.locator("#pick-a").click()
+        wait_for("the panel to close", lambda: not page.locator("#side-by-side").is_visible())
+        wait_for("the choice", lambda: any(e.kind == "choice" for e in
+                                           store.events_for(first.id) + store.events_for(
+                                               second.id)))
+    out = served["root"] / "pairs.jsonl"
+    subprocess.run([sys.executable, "-m", "chat_app.cli", "export", "--kind", "dpo", "--out",
+                    str(out), "--database-url", str(store.db.engine.url)], check=True)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+    assert {chosen, rejected} == {first.content, second.content}
+    assert chosen.strip()[:20] in shown_a  # the reply shown as A is the one chosen
