@@ -194,3 +194,26 @@ def test_a_user_whose_feedback_trained_the_serving_version_is_told_once(
     assert ui.update_notice(again) is None
     fresh, _ = ui.load(None, user_id="rater")  # another browser: told there too, once
     assert ui.update_notice(fresh) is not None
+
+
+@pytest.mark.parametrize("login", [None, "carol"], ids=["browser", "login"])
+def test_delete_all_my_data_removes_every_chat_and_rating_of_the_owner_only(
+        ui: ChatHandlers, store: FeedbackStore, login: str | None) -> None:
+    me, _ = ui.load(None, user_id=login)
+    other, _ = ui.load(None, user_id=None if login else "dave")
+    mine = [chat(ui, me, f"My chat {i}") for i in range(3)]
+    ui.rate(me, 1, True)
+    theirs = chat(ui, other, "Someone else's")
+    ui.rate(other, 1, False)
+    done = ui.forget_me(me)
+    assert not done.notice.is_error and "3 chat(s)" in done.notice.text
+    assert titles(ui, me) == [] and me.conversation_id is None
+    for cid in mine:
+        record = store.get_conversation(cid)
+        assert record.deleted_at is not None and store.messages(cid) == []
+        assert record.deleted_by == (login or me.client_key)
+    rows = rows_for(store, "kto")
+    assert [r["prompt"][-1]["content"] for r in rows] == ["Someone else's"]
+    assert store.get_conversation(theirs).deleted_at is None
+    assert titles(ui, other) == ["Someone else's"]
+    assert not ui.forget_me(me).notice.is_error  # nothing left: a no-op, not an error

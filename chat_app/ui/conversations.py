@@ -102,6 +102,33 @@ class ConversationListHandlers:
             return self.view(session, error(f"The chat was not renamed: {exc}"))
         return self.view(session, info(f"Renamed this chat to “{clean}”."))
 
+    def forget_me(self, session: ChatSession) -> PageUpdate:
+        """Delete every chat of the owner and, with a login, every rating they gave
+        (``FeedbackStore.forget_user``); recorded as deleted by them."""
+        if session.generating:
+            return self.view(session, error("Wait for the reply to finish (or stop it) "
+                                            "before deleting your data."))
+        try:
+            if session.user_id is not None:
+                done = self.store.forget_user(session.user_id, by=session.user_id)
+                chats = done["conversations"]
+            else:
+                chats = 0
+                while batch := self.store.list_conversations(client_key=session.client_key,
+                                                             limit=500):
+                    for conv in batch:
+                        self.store.delete_conversation(conv.id, by=session.client_key)
+                        chats += 1
+        except StoreError as exc:
+            return self.view(session, error(f"Your data was not (all) deleted: {exc}; "
+                                            "try again."))
+        session.start_over(self.settings.default_system_prompt)
+        session.votes = {}
+        return self.view(session, info(f"Deleted all your data: {chats} chat(s) and your "
+                                       "feedback are gone from your list, from future "
+                                       "training and from exports."),
+                         message_box="", comment_box="", reset_system_prompt=True)
+
     def delete_conversation(self, session: ChatSession) -> PageUpdate:
         """Delete the current chat, everywhere, and start a new one."""
         cid = session.conversation_id

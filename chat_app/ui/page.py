@@ -67,6 +67,12 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
                 confirm_btn = gr.Button("Yes, delete", size="sm", variant="stop",
                                         elem_id="confirm-delete-yes")
                 cancel_btn = gr.Button("Keep it", size="sm", elem_id="confirm-delete-no")
+            forget_btn = gr.Button("Delete all my data", size="sm", elem_id="forget-me")
+            with gr.Row(visible=False, elem_id="confirm-forget") as forget_row:
+                gr.Markdown("Delete every chat of yours and all your ratings, for good?")
+                forget_yes = gr.Button("Yes, delete everything", size="sm", variant="stop",
+                                       elem_id="confirm-forget-yes")
+                forget_no = gr.Button("Keep it", size="sm", elem_id="confirm-forget-no")
         gr.Markdown(f"## {display_text(settings.title)}")
         model_line = gr.Markdown(elem_id="model-line")
         chatbot = gr.Chatbot(
@@ -269,6 +275,9 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         def on_delete(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
             return one(handlers.delete_conversation)(state_value, request=request)
 
+        def on_forget(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+            return one(handlers.forget_me)(state_value, request=request)
+
         quick = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
         stream = dict(outputs=outputs, show_progress="hidden")
         then = dict(fn=after_stream, inputs=[state], outputs=[stop_btn, choice_row],
@@ -306,6 +315,13 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
                          show_progress="hidden", api_visibility="private")
         confirm_btn.click(on_delete, [state], api_name="delete_chat", **quick).then(
             lambda: gr.Row(visible=False), None, [confirm_row], show_progress="hidden",
+            api_visibility="private").then(**listed)
+        forget_btn.click(lambda: gr.Row(visible=True), None, [forget_row],
+                         show_progress="hidden", api_visibility="private")
+        forget_no.click(lambda: gr.Row(visible=False), None, [forget_row],
+                        show_progress="hidden", api_visibility="private")
+        forget_yes.click(on_forget, [state], api_name="forget_me", **quick).then(
+            lambda: gr.Row(visible=False), None, [forget_row], show_progress="hidden",
             api_visibility="private").then(**listed)
         chatbot.like(on_like, [state], api_visibility="private", **quick)
         chatbot.select(on_select, [state], api_visibility="private", **quick)
