@@ -260,3 +260,26 @@ def test_an_operator_reviews_feedback_retrains_rolls_back_and_exports(
     expected_rows = build_dpo_rows(store, RowFilter(since=datetime.fromisoformat(today)))
     assert rows == expected_rows and len(rows) >= 24
     page.screenshot(path=str(root / "console-export.png"), full_page=True)
+
+    # Delete a conversation, after the confirmation; then forget a user.
+    victim = store.feedback_log(limit=1)[0].event.conversation_id
+    page.fill("#conv-id input", str(victim))
+    page.click("#delete-conv")
+    wait_for("the question", lambda: f"Delete conversation {victim}" in page.inner_text(
+        "#confirm-erase-text"))
+    assert store.get_conversation(victim).deleted_at is None  # nothing before the yes
+    page.click("#confirm-erase-yes")
+    wait_for("the deletion", lambda: f"Deleted conversation {victim}" in page.inner_text(
+        "#erase-note"), state=lambda: page.inner_text("#erase-note"))
+    record = store.get_conversation(victim)
+    assert record.deleted_at is not None and record.deleted_by == "ops"
+    assert store.messages(victim) == []
+    assert "deleted" in page.inner_text("#conversation").lower()
+    before = len(build_dpo_rows(store))
+    page.fill("#forget-user input", "user1")
+    page.click("#forget-user-btn")
+    page.click("#confirm-erase-yes")
+    wait_for("the user forgotten", lambda: "Forgot user1" in page.inner_text("#erase-note"),
+             state=lambda: page.inner_text("#erase-note"))
+    assert store.feedback_log(user_id="user1") == []
+    assert len(build_dpo_rows(store)) < before

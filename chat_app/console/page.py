@@ -128,6 +128,20 @@ def _feedback_tab(ctx: ConsoleContext) -> Loader:
         conv_id = gr.Number(None, label="Conversation id (or click a row)", precision=0,
                             elem_id="conv-id")
         open_btn = gr.Button("Open conversation", size="sm", elem_id="open-conv")
+        delete_btn = gr.Button("Delete conversation", size="sm", variant="stop",
+                               elem_id="delete-conv")
+    with gr.Row(equal_height=True):
+        forget_user = gr.Textbox(label="Forget a user: every conversation and rating of",
+                                 placeholder="user name", elem_id="forget-user", max_lines=1)
+        forget_btn = gr.Button("Forget this user", size="sm", variant="stop",
+                               elem_id="forget-user-btn")
+    with gr.Row(visible=False, elem_id="confirm-erase") as confirm_row:
+        confirm_text = gr.Markdown(elem_id="confirm-erase-text")
+        confirm_yes = gr.Button("Yes, delete for good", size="sm", variant="stop",
+                                elem_id="confirm-erase-yes")
+        confirm_no = gr.Button("Cancel", size="sm", elem_id="confirm-erase-no")
+    erase_state = gr.State(None)
+    erase_note = gr.Markdown(elem_id="erase-note")
     conversation = gr.HTML(elem_id="conversation")
     with gr.Accordion("Export the filtered view (JSONL, as `feedback-chat export`)", open=True):
         with gr.Row(equal_height=True):
@@ -192,6 +206,49 @@ def _feedback_tab(ctx: ConsoleContext) -> Loader:
             return _problem(exc), gr.File(value=None, visible=False)
         return runs.md(result.describe()), gr.File(value=str(result.path), visible=True)
 
+    def ask_erase(what: str, target: Any) -> tuple[Any, ...]:
+        """First step of a deletion: say exactly what would go, and wait for a yes."""
+        if what == "conversation":
+            try:
+                cid = int(target)
+            except (TypeError, ValueError):
+                return None, gr.Row(visible=False), "", "⚠️ Type or click a conversation id."
+            return (("conversation", cid), gr.Row(visible=True),
+                    f"Delete conversation {cid}: its messages and feedback, from training and "
+                    "exports too? A record of the deletion stays.", "")
+        name = target.strip() if isinstance(target, str) else ""
+        if not name:
+            return None, gr.Row(visible=False), "", "⚠️ Type the user's name."
+        return (("user", name), gr.Row(visible=True),
+                f"Delete every conversation of **{runs.md(name)}** and every rating they gave, "
+                "from training and exports too? A record of each deletion stays.", "")
+
+    def do_erase(pending: Any, request: gr.Request) -> tuple[Any, ...]:
+        hidden = (None, gr.Row(visible=False), "")
+        if not pending:
+            return (*hidden, "⚠️ Nothing to delete.", gr.skip())
+        what, target = pending
+        by = _user(request) or "operator"
+        try:
+            if what == "conversation":
+                done = ctx.store.delete_conversation(target, by=by)
+                note = (f"Deleted conversation {target}: {done['messages']} messages and "
+                        f"{done['events']} feedback events.")
+                return (*hidden, note, open_conversation(target))
+            done = ctx.store.forget_user(target, by=by)
+        except StoreError as exc:
+            return (*hidden, _problem(exc), gr.skip())
+        return (*hidden, f"Forgot {runs.md(target)}: {done['conversations']} conversations, "
+                         f"{done['messages']} messages and {done['events']} feedback events "
+                         "deleted.", gr.skip())
+
+    erase_out = [erase_state, confirm_row, confirm_text, erase_note]
+    delete_btn.click(lambda cid: ask_erase("conversation", cid), [conv_id], erase_out,
+                     **PRIVATE)
+    forget_btn.click(lambda name: ask_erase("user", name), [forget_user], erase_out, **PRIVATE)
+    confirm_no.click(lambda: (None, gr.Row(visible=False), "", "Nothing was deleted."), None,
+                     erase_out, **PRIVATE)
+    confirm_yes.click(do_erase, [erase_state], [*erase_out, conversation], **PRIVATE)
     apply_btn.click(on_apply, filters, shown, **PRIVATE)
     search.submit(on_apply, filters, shown, **PRIVATE)
     first_btn.click(on_apply, filters, shown, **PRIVATE)
