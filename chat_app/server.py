@@ -108,7 +108,7 @@ def _start_scheduler(settings: Settings) -> Any | None:
 def create_app(services: Services) -> FastAPI:
     import gradio as gr
 
-    from .ui.page import ChatPageSettings, build_chat_page
+    from .ui.page import PAGE_CSS, ChatPageSettings, build_chat_page
 
     settings = services.settings
     app = FastAPI(title="feedback-chat", version="0.1.0")
@@ -163,7 +163,7 @@ def create_app(services: Services) -> FastAPI:
     ))
     page.queue(default_concurrency_limit=settings.max_concurrent + settings.max_queued)
     logins = settings.user_logins()
-    return gr.mount_gradio_app(app, page, path="/", auth=logins or None)
+    return gr.mount_gradio_app(app, page, path="/", auth=logins or None, css=PAGE_CSS)
 
 
 def serve(settings: Settings) -> int:

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 
 from chat_app.engine import Engine, EngineConfig, SamplingParams
 from chat_app.hotswap import AdapterWatcher
-from chat_app.ui.page import ChatPageSettings, build_chat_page
+from chat_app.ui.page import PAGE_CSS, ChatPageSettings, build_chat_page
 from feedback_store import FeedbackStore
 
 pytestmark = pytest.mark.browser
@@ -69,7 +69,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     demo = build_chat_page(store=store, engine=engine, settings=settings)
     demo.queue(default_concurrency_limit=4)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                css=PAGE_CSS)
     try:
         yield {"url": f"http://127.0.0.1:{port}/", "store": store, "root": root}
     finally:
@@ -87,7 +88,9 @@ def serious_violations(page: Page) -> list[tuple[str, str, int]]:
     from axe_playwright_python.sync_playwright import Axe
 
     found = Axe().run(page).response["violations"]
-    return [(v["id"], v["impact"], len(v["nodes"])) for v in found if v["impact"] in SERIOUS]
+    return [(v["id"], v["impact"], [(n["target"], n.get("failureSummary", "")[:200])
+                                    for n in v["nodes"]])
+            for v in found if v["impact"] in SERIOUS]
 
 
 def test_enter_sends_shift_enter_adds_a_line_and_esc_stops_the_reply(
@@ -147,16 +150,16 @@ def test_a_side_by_side_pick_is_a_preference_pair_in_the_dpo_export(
         wait_for("the reply to start", lambda: streaming(page, 1))
         page.locator("#stop").click()
         wait_for("the reply to settle", lambda: settled(page, 1))
-        assert not page.locator("#side-by-side").is_visible()
+        assert not page.locator("#pick-a").is_visible()
         page.locator("#compare").click()
-        wait_for("the two replies side by side", lambda: page.locator("#side-by-side")
-                 .is_visible() and "A" in page.inner_text("#side-a"))
+        wait_for("the two replies side by side", lambda: page.locator("#pick-a").is_visible()
+                 and "A" in page.inner_text("#side-a"))
         conv = newest_conversation(store)
         first, second = replies(store, conv)
         assert {first.adapter_version, second.adapter_version} == {"v0001", "base"}
         shown_a = page.inner_text("#side-a")
         page.locator("#pick-a").click()
-        wait_for("the panel to close", lambda: not page.locator("#side-by-side").is_visible())
+        wait_for("the panel to close", lambda: not page.locator("#pick-a").is_visible())
         wait_for("the choice", lambda: any(e.kind == "choice" for e in
                                            store.events_for(first.id) + store.events_for(
                                                second.id)))

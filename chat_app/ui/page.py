@@ -30,18 +30,37 @@ from .options import ChatPageSettings
 from .session import ChatSession
 from .view import PageUpdate
 
-__all__ = ["ChatPageSettings", "build_chat_page"]
+__all__ = ["PAGE_CSS", "ChatPageSettings", "build_chat_page"]
 
 BROWSER_STORAGE_KEY = "feedback-chat-session"
 LIST_LABEL = "Chats, newest first"
+# Pass as ``css=`` where the page is served (``mount_gradio_app`` or ``launch``). The
+# theme's orange primary button has white text at a 3.6:1 contrast in dark mode (axe:
+# serious); a darker orange gives 5.2:1, light or dark.
+PAGE_CSS = """
+#send { background: #c2410c !important; border-color: #c2410c !important;
+         color: #ffffff !important; }
+"""
 # Runs in the browser once the page loads: Esc stops a streaming reply (Enter sends and
-# Shift+Enter adds a line are the message box's own keys).
+# Shift+Enter adds a line are the message box's own keys); on a narrow screen (a phone)
+# the chat list starts folded away, as it would cover the chat.
 KEYS_JS = """() => {
   document.addEventListener('keydown', (event) => {
     if (event.key !== 'Escape') return;
     const stop = document.querySelector('#stop');
     if (stop && !stop.disabled) stop.click();
   });
+  if (window.innerWidth >= 768) return;
+  let tries = 0;
+  const fold = () => {
+    const bar = document.querySelector('#sidebar');
+    if (bar && bar.classList.contains('open')) {
+      bar.querySelector('.toggle-button')?.click();
+    } else if (tries++ < 40) {
+      setTimeout(fold, 50);
+    }
+  };
+  fold();
 }"""
 
 
