@@ -270,7 +270,7 @@ def test_an_operator_reviews_feedback_retrains_rolls_back_and_exports(
     assert store.get_conversation(victim).deleted_at is None  # nothing before the yes
     page.click("#confirm-erase-yes")
     wait_for("the deletion", lambda: f"Deleted conversation {victim}" in page.inner_text(
-        "#erase-note"), state=lambda: page.inner_text("#erase-note"))
+        "#erase-note"))
     record = store.get_conversation(victim)
     assert record.deleted_at is not None and record.deleted_by == "ops"
     assert store.messages(victim) == []
@@ -279,7 +279,6 @@ def test_an_operator_reviews_feedback_retrains_rolls_back_and_exports(
     page.fill("#forget-user input", "user1")
     page.click("#forget-user-btn")
     page.click("#confirm-erase-yes")
-    wait_for("the user forgotten", lambda: "Forgot user1" in page.inner_text("#erase-note"),
-             state=lambda: page.inner_text("#erase-note"))
+    wait_for("the user forgotten", lambda: "Forgot user1" in page.inner_text("#erase-note"))
     assert store.feedback_log(user_id="user1") == []
     assert len(build_dpo_rows(store)) < before

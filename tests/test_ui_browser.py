@@ -233,13 +233,20 @@ def test_the_sidebar_lists_reopens_renames_and_deletes_chats(
     def send(text: str, n_bot: int) -> int:
         page.fill("#message textarea", text)
         page.click("#send")
-        wait_for("the reply to finish on the page", lambda: settled(page, n_bot))
+        wait_for("the reply to finish on the page", lambda: settled(page, n_bot),
+                 timeout=120, state=lambda: page.evaluate(
+                     """() => [document.querySelectorAll('#chat [data-testid="bot"]').length,
+                              document.querySelector('#stop').disabled,
+                              document.querySelector('#notice').innerText]"""))
         return newest_conversation(store)
 
     first = send("Sidebar chat one", 1)
     wait_for("the first chat in the list", lambda: chats.all_inner_texts() == ["Sidebar chat one"],
              state=chats.all_inner_texts)
     page.click("#new-chat")
+    wait_for("the new, empty chat", lambda: page.locator('#chat [data-testid="bot"]').count() == 0
+             and "adapter" in page.inner_text("#model-line")
+             and page.locator("#chat-list input:checked").count() == 0)
     second = send("Sidebar chat two", 1)
     wait_for("both chats, newest first",
              lambda: chats.all_inner_texts() == ["Sidebar chat two", "Sidebar chat one"],

@@ -343,6 +343,8 @@ def test_a_reason_rates_the_reply_and_is_stored_as_its_tag(
     down = ui.rate(session, 1, "Too long")
     assert down.feedback == ["Dislike"] and not down.notice.is_error
     assert down.notice.text == "Saved your thumbs down (Too long) on reply 1."
+    again = ui.rate(session, 1, "Too long")  # one pick sent twice is stored once
+    assert again.feedback == ["Dislike"] and not again.notice.is_error
     up = ui.rate(session, 1, "Helpful")
     assert up.feedback == ["Like"]
     events = [(e.kind, e.tags, e.user_id) for e in store.events_for(reply.id)]

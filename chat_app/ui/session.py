@@ -47,6 +47,7 @@ class ChatSession:
     system_prompt: str = ""
     thread: list[Message] = field(default_factory=list)
     votes: dict[int, str] = field(default_factory=dict)
+    vote_tags: dict[int, tuple[str, ...]] = field(default_factory=dict)  # the latest reason
     pending_choice: tuple[int, int] | None = None
     selected: int | None = None
     generation: Any | None = None
@@ -103,6 +104,7 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.thread = []
         self.votes = {}
+        self.vote_tags = {}
         self.pending_choice = None
         self.selected = None
         self.side_by_side = self.side_by_side_texts = None
