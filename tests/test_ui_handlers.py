@@ -135,7 +135,8 @@ def test_send_streams_the_reply_and_stores_it_with_its_version(
     assert reply.generation["max_new_tokens"] == 24 and reply.generation["temperature"] == 0.8
     assert [m.id for m in session.thread] == [user.id, reply.id]
     assert final.memory == {"client_key": session.client_key,
-                            "conversation_id": session.conversation_id, "head_id": reply.id}
+                            "conversation_id": session.conversation_id, "head_id": reply.id,
+                            "seen_update": None}
     conv = store.get_conversation(session.conversation_id)
     assert conv.client_key == session.client_key and conv.source == "ui"
 
