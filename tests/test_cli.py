@@ -34,6 +34,16 @@ def test_settings_report_every_problem_at_once():
     assert len(err.value.problems) == 5
 
 
+def test_feedback_reasons_come_from_the_environment_and_bad_ones_are_refused():
+    s = load_settings(environ={"FEEDBACK_CHAT_DOWN_REASONS": " Wrong , Rude,,",
+                               "FEEDBACK_CHAT_UP_REASONS": ""})
+    assert (Settings.reasons(s.down_reasons), Settings.reasons(s.up_reasons)) == (
+        ("Wrong", "Rude"), ())
+    with pytest.raises(SettingsError, match="distinct and not Like/Dislike"):
+        load_settings(environ={"FEEDBACK_CHAT_DOWN_REASONS": "Rude,Like",
+                               "FEEDBACK_CHAT_UP_REASONS": "Rude"})
+
+
 def test_flags_override_environment_and_defaults_are_embedded(tmp_path):
     s = load_settings({"port": 9000}, environ={"FEEDBACK_CHAT_PORT": "8000",
                                                "FEEDBACK_CHAT_DATA_DIR": str(tmp_path)})

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from tiny_models import make_tiny_model
-from transformers import AutoModelForCausalLM
+from tiny_models import make_tiny_adapter, make_tiny_model
 
 from chat_app.engine import Engine, EngineConfig, SamplingParams
 from chat_app.hotswap import AdapterWatcher
@@ -42,14 +40,7 @@ def served(model_dir: Path, tmp_path: Path) -> Iterator[tuple[ChatHandlers, Feed
 
 def serve_an_adapter(ui: ChatHandlers, store: FeedbackStore, model_dir: Path,
                      folder: Path) -> None:
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.5)
-    peft_model.save_pretrained(folder)
+    make_tiny_adapter(model_dir, folder)
     store.registry.register_version(version="v0001", path=str(folder))
     store.registry.activate("v0001")
     AdapterWatcher(store.registry, ui.engine).sync()

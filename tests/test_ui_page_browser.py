@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from playwright.sync_api import Page, sync_playwright
 from screenshots import readme_screenshot
 from test_ui_browser import (
@@ -29,8 +28,7 @@ from test_ui_browser import (
     streaming,
     wait_for,
 )
-from tiny_models import make_tiny_model
-from transformers import AutoModelForCausalLM
+from tiny_models import make_tiny_adapter, make_tiny_model
 
 from chat_app.engine import Engine, EngineConfig, SamplingParams
 from chat_app.hotswap import AdapterWatcher
@@ -52,14 +50,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     engine = Engine.from_config(EngineConfig(model=str(model), torch_threads=1))
     store = FeedbackStore.open(f"sqlite:///{root / 'feedback.db'}")
     # an adapter serves, so "Compare with another version" has the base to compare with
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in adapter.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.5)
-    adapter.save_pretrained(root / "v0001")
+    make_tiny_adapter(model, root / "v0001")
     store.registry.register_version(version="v0001", path=str(root / "v0001"))
     store.registry.activate("v0001")
     AdapterWatcher(store.registry, engine).sync()

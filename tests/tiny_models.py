@@ -59,3 +59,21 @@ def make_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_tiny_adapter(model_dir: Path | str, out: Path | str, *, seed: int = 3, r: int = 4,
+                      scale: float = 0.5,
+                      target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter for ``model_dir`` whose B weights are random (``scale`` times a
+    standard normal), so it really changes the replies; saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=r, target_modules=list(target_modules)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * scale)
+    peft_model.save_pretrained(out)
+    return Path(out)
