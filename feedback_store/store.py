@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Text, cast, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -616,7 +616,7 @@ class FeedbackStore(ConversationLists):
         Filters combine with AND: ``kinds``; ``since`` <= created_at < ``until`` (naive
         datetimes are UTC); the adapter version that wrote the reply; the voter's
         ``user_id``; ``search``, a case-insensitive literal substring of the reply, the
-        prompt, the comment or the other reply. Keyset paging: pass the last row's
+        prompt, the comment, a tag (a reason picked with the vote) or the other reply. Keyset paging: pass the last row's
         event id as ``before_id`` for the next page.
         """
         if isinstance(kinds, str):
@@ -676,8 +676,8 @@ def log_filters(
     """The WHERE clauses of ``feedback_log`` (shared with the console's counts).
 
     ``texts``: the reply, prompt and other-reply content columns the query joined,
-    searched with the event's comment for ``search``, a literal substring (``%`` and
-    ``_`` are not wildcards).
+    searched with the event's comment and tags for ``search``, a literal substring (``%``
+    and ``_`` are not wildcards).
     """
     if kinds:
         q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
@@ -690,8 +690,9 @@ def log_filters(
     if user_id is not None:
         q = q.where(FeedbackEventRow.user_id == user_id)
     if search:
+        tags = cast(FeedbackEventRow.tags, Text)  # the reasons picked with a vote, as JSON
         q = q.where(or_(*(col.icontains(search, autoescape=True)
-                          for col in (*texts, FeedbackEventRow.comment))))
+                          for col in (*texts, FeedbackEventRow.comment, tags))))
     return q
 
 

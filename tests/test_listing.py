@@ -94,3 +94,13 @@ def test_feedback_in_version_counts_the_owners_events_in_the_rounds_snapshot(
     assert store.feedback_in_version("v0001", user_id="nobody").yours == 0
     assert store.feedback_in_version("v0002", client_key="browser-1") is None
     assert store.feedback_in_version("v0404", client_key="browser-1") is None
+
+
+def test_the_feedback_log_search_finds_a_vote_by_its_reason(store: FeedbackStore) -> None:
+    cid = _chat(store, "Explain tides")
+    (reply,) = [m for m in store.messages(cid) if m.is_reply]
+    store.rate(reply_id=reply.id, rating="down", tags=["Too long"])
+    store.rate(reply_id=reply.id, rating="up")
+    found = store.feedback_log(search="too LONG")
+    assert [(r.event.kind, r.event.tags) for r in found] == [("down", ("Too long",))]
+    assert store.feedback_log(search="Too short") == []

@@ -114,7 +114,8 @@ def _feedback_tab(ctx: ConsoleContext) -> Loader:
         version = gr.Dropdown(label="Adapter version", choices=[("any", "")], value="",
                               allow_custom_value=True, elem_id="f-version")
         user = gr.Textbox(label="User", elem_id="f-user")
-        search = gr.Textbox(label="Text search (reply, prompt, comment)", elem_id="f-search")
+        search = gr.Textbox(label="Text search (reply, prompt, comment, reason)",
+                            elem_id="f-search")
         apply_btn = gr.Button("Apply filters", variant="primary", elem_id="f-apply")
     notice = gr.Markdown(elem_id="log-notice")
     table = gr.Dataframe(_frame([], queries.TABLE_HEADERS), interactive=False, wrap=True,
