@@ -12,13 +12,13 @@ slowed: nothing is generated unless asked.
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict
 from typing import Any
 
 from chat_app.engine import AdapterError, EngineBusy, InputTooLong
 from feedback_store import StoreError
 
 from .session import ChatSession
+from .streaming import ended_reply
 from .view import PageUpdate, error, info
 
 BASE = "base"
@@ -74,15 +74,10 @@ class SideBySideHandlers:
         if gen.finish_reason in (None, "error", "cancelled"):
             return self.view(session, error("The other version failed while answering; "
                                             "nothing was saved."))
-        record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}
-        record["trimmed_turns"] = gen.trimmed_turns
+        text, meta = ended_reply(gen, params, self.engine.model_name, gen.finish_reason,
+                                 self.store.limits.max_message_chars)
         try:
-            new = self.store.add_reply(
-                content=gen.text.replace("\x00", "")[: self.store.limits.max_message_chars],
-                source_reply_id=old.id, adapter_version=gen.version,
-                model_name=self.engine.model_name, generation=record,
-                finish_reason=gen.finish_reason, prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens)
+            new = self.store.add_reply(content=text, source_reply_id=old.id, **meta)
         except StoreError as exc:
             return self.view(session, error(f"The second reply could not be saved: {exc}"))
         pair = (old, new) if secrets.randbelow(2) else (new, old)

@@ -31,6 +31,19 @@ Save = Callable[[list[Message], str, dict[str, Any]], Message]
 """Store the ended reply: (thread above it, text, add_reply keyword arguments) -> reply."""
 
 
+def ended_reply(gen: Any, params: SamplingParams, model_name: str, reason: str,
+                max_chars: int) -> tuple[str, dict[str, Any]]:
+    """An ended generation as the store keeps it: its text (NULs dropped, cut to
+    ``max_chars``) and the ``add_reply`` keyword arguments (version, model, sampling
+    settings, finish reason, token counts)."""
+    record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}
+    record["trimmed_turns"] = gen.trimmed_turns
+    return gen.text.replace("\x00", "")[:max_chars], dict(
+        adapter_version=gen.version, model_name=model_name, generation=record,
+        finish_reason=reason, prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens)
+
+
 class ReplyStreamer:
     """Streams replies for the chat page's handlers (one engine, one store)."""
 
@@ -119,15 +132,11 @@ class ReplyStreamer:
                 cancelled: bool) -> Notice | None:
         """Store the ended reply; update the session unless the user started a new chat."""
         reason = "cancelled" if cancelled else (gen.finish_reason or "cancelled")
-        record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}
-        record["trimmed_turns"] = gen.trimmed_turns
-        text = gen.text.replace("\x00", "")[: self.store.limits.max_message_chars]
+        text, meta = ended_reply(gen, params, self.engine.model_name, reason,
+                                 self.store.limits.max_message_chars)
         current = session.epoch == epoch
         try:
-            reply = save(prefix, text, dict(
-                adapter_version=gen.version, model_name=self.engine.model_name,
-                generation=record, finish_reason=reason, prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens))
+            reply = save(prefix, text, meta)
         except StoreError as exc:
             log.error("a reply could not be stored: %s", exc)
             if current:
