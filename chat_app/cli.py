@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(p, MODEL_FLAGS + ["host", "port", "retrain_interval_minutes",
                                          "retrain_min_feedback"])
 
+    p = sub.add_parser("engine", help="serve the model alone as an OpenAI-compatible engine "
+                       "that loads adapters at run time (front-ends use it through "
+                       "FEEDBACK_CHAT_ENGINE_URL)")
+    _add_setting_flags(p, ["data_dir", "model", "device", "quantize_4bit", "host", "port",
+                           "max_input_tokens", "max_concurrent", "max_queued", "max_new_tokens",
+                           "temperature", "top_p", "api_keys"])
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in requests (default: --model, or demo-model)")
+
     db = sub.add_parser("db", help="database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     _add_setting_flags(dbsub.add_parser("upgrade", help="create or migrate the schema"), STORE_FLAGS)
@@ -141,6 +150,12 @@ def cmd_trainer(settings: Settings, args: argparse.Namespace) -> int:
     from .trainer import run_trainer
 
     return run_trainer(settings)
+
+
+def cmd_engine(settings: Settings, args: argparse.Namespace) -> int:
+    from .engine_service import serve_engine
+
+    return serve_engine(settings, served_model=args.served_model_name)
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
@@ -244,7 +259,7 @@ def cmd_canary(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "trainer": cmd_trainer, "db": cmd_db, "export": cmd_export,
+COMMANDS = {"serve": cmd_serve, "trainer": cmd_trainer, "engine": cmd_engine, "db": cmd_db, "export": cmd_export,
             "demo-model": cmd_demo_model, "retrain": cmd_retrain, "adapters": cmd_adapters,
             "canary": cmd_canary, "users": cmd_users, "conversations": cmd_conversations}
 

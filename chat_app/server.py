@@ -67,6 +67,13 @@ def build_services(settings: Settings, *, engine: Any | None = None,
     from .engine import Engine, EngineConfig
 
     store = store or FeedbackStore.open(settings.resolved_database_url)
+    if engine is None and settings.engine_urls():
+        from .engine.remote import RemoteEngine
+
+        engine = RemoteEngine(settings.engine_urls(), model_name=settings.model or "demo-model",
+                              served_model=settings.engine_served_model or None,
+                              api_key=settings.engine_api_key or None,
+                              retry_seconds=settings.engine_retry_seconds)
     if engine is None:
         from .model_source import resolve_model
 

@@ -53,6 +53,15 @@ class Settings:
     max_concurrent: int = field(default=8, metadata=_meta("generations advancing at once"))
     max_queued: int = field(default=32, metadata=_meta(
         "requests waiting beyond those; more get 'busy, try again'"))
+    engine_url: str = field(default="", metadata=_meta(
+        "comma-separated engine servers (feedback-chat engine, or vLLM with runtime LoRA "
+        "loading) to generate on; empty: the model runs inside this server"))
+    engine_served_model: str = field(default="", metadata=_meta(
+        "the base model's name on the engine servers; empty: asked from their /v1/models"))
+    engine_retry_seconds: float = field(default=5.0, metadata=_meta(
+        "how long an engine server that failed is left out before it is tried again"))
+    engine_api_key: str = field(default="", metadata=_meta(
+        "API key sent to the engine servers, if they ask for one", secret=True))
     system_prompt: str = field(default="", metadata=_meta("default system prompt"))
     down_reasons: str = field(default="Inaccurate,Off topic,Too long,Too short,Unsafe",
                               metadata=_meta(
@@ -155,6 +164,11 @@ class Settings:
             p.append("login_max_failures must be at least 1")
         if self.login_window_seconds <= 0 or self.login_lockout_seconds <= 0:
             p.append("login_window_seconds and login_lockout_seconds must be positive")
+        for url in self.engine_urls():
+            if not url.startswith(("http://", "https://")):
+                p.append(f"engine_url {url!r} must start with http:// or https://")
+        if self.engine_retry_seconds <= 0:
+            p.append("engine_retry_seconds must be positive")
         if self.canary_check_seconds <= 0:
             p.append("canary_check_seconds must be positive")
         from chat_app.ui.options import reason_problems
@@ -199,6 +213,9 @@ class Settings:
         """The canary settings as ``feedback_store.canary.CanaryConfig`` fields."""
         return {name: getattr(self, "canary_" + name) for name in (
             "share", "min_ratings", "margin", "error_rate", "time_limit_hours", "max_ratings")}
+
+    def engine_urls(self) -> list[str]:
+        return [u.strip() for u in self.engine_url.split(",") if u.strip()]
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

@@ -43,9 +43,9 @@ def live_server(model_path: Path | str, data_dir: Path, *, device: str = "cpu",
     overrides.setdefault("adapter_poll_seconds", 0.2)
     settings = replace(Settings(), data_dir=data_dir, model=str(model_path), port=free_port(),
                        scheduler=False, **overrides).validate()
-    engine = Engine.from_config(EngineConfig(model=str(model_path), device=device,
-                                             max_concurrent=settings.max_concurrent,
-                                             max_queued=settings.max_queued))
+    engine = None if settings.engine_urls() else Engine.from_config(EngineConfig(
+        model=str(model_path), device=device, max_concurrent=settings.max_concurrent,
+        max_queued=settings.max_queued))  # with engine_url: the remote engine
     services = build_services(settings, engine=engine, start_scheduler=False)
     app = create_app(services)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port,

@@ -40,9 +40,10 @@ def test_the_compose_files_follow_the_compose_specification(name: str) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     text = (DEPLOY / name).read_text()
-    for service in ("postgres:", "chat-1:", "chat-2:", "trainer:", "proxy:"):
+    for service in ("postgres:", "engine:", "chat-1:", "chat-2:", "trainer:", "proxy:"):
         assert f"\n  {service}" in text
-    assert '["feedback-chat", "trainer"]' in text
+    assert '["feedback-chat", "trainer"]' in text and '["feedback-chat", "engine"]' in text
+    assert "FEEDBACK_CHAT_ENGINE_URL: http://engine:7860" in text  # front-ends hold no model
     assert ("driver: nvidia" in text) == (name == "compose.yaml")
 
 

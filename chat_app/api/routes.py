@@ -11,7 +11,7 @@
 Every reply is stored like one from the chat page. Errors use OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for bad input
 (nothing is written), 401 for a missing or wrong API key, 429 when the engine is
-full ("busy, try again"), 503 when the database is unreachable.
+full ("busy, try again"), 503 when the database or the engine servers are unreachable.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from feedback_store import Conflict, InvalidInput, NotFound, StoreUnavailable
 from feedback_store.threads import append_turns, complete_reply
 
-from ..engine import AdapterError, EngineBusy, InputTooLong, SamplingParams
+from ..engine import AdapterError, EngineBusy, EngineUnavailable, InputTooLong, SamplingParams
 from .schemas import (
     ChatCompletionRequest,
     EditRequest,
@@ -155,6 +155,9 @@ def build_router(services: Any) -> APIRouter:
                     raise
                 # the canary ended between routing and starting: the active one answers
                 return engine.stream(messages, params)
+        except EngineUnavailable as exc:
+            raise ApiError(503, str(exc), type="server_error",
+                           code="engine_unavailable") from exc
         except EngineBusy as exc:
             raise ApiError(429, str(exc), type="rate_limit_error", code="server_busy") from exc
         except InputTooLong as exc:

@@ -10,7 +10,14 @@ Usage::
 """
 
 from .engine import Engine
-from .errors import BASE_VERSION, AdapterError, EngineBusy, InputTooLong, ModelLoadError
+from .errors import (
+    BASE_VERSION,
+    AdapterError,
+    EngineBusy,
+    EngineUnavailable,
+    InputTooLong,
+    ModelLoadError,
+)
 from .generation import Generation
 from .params import EngineConfig, SamplingParams
 
@@ -20,6 +27,7 @@ __all__ = [
     "Engine",
     "EngineBusy",
     "EngineConfig",
+    "EngineUnavailable",
     "Generation",
     "InputTooLong",
     "ModelLoadError",

@@ -18,6 +18,13 @@ class EngineBusy(RuntimeError):
     """Every running slot and every queue place is taken: try again later."""
 
 
+class EngineUnavailable(EngineBusy):
+    """No engine server answers (a remote engine is down or unreachable): try again later.
+
+    A kind of ``EngineBusy``, so the chat page shows the same "try again" notice; the HTTP
+    API answers 503 for it (429 for a full engine)."""
+
+
 class InputTooLong(ValueError):
     """Even with every old turn dropped, the newest message does not fit the prompt budget.
 
@@ -25,9 +32,10 @@ class InputTooLong(ValueError):
     newest turn); ``limit`` is the budget it had to fit.
     """
 
-    def __init__(self, tokens: int, limit: int) -> None:
+    def __init__(self, tokens: int, limit: int, message: str | None = None) -> None:
         super().__init__(
-            f"input too long: the system prompt and the newest turn need {tokens} tokens, "
+            message
+            or f"input too long: the system prompt and the newest turn need {tokens} tokens, "
             f"the limit is {limit}"
         )
         self.tokens = tokens

@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from chat_app.engine import AdapterError, EngineBusy, InputTooLong, SamplingParams
+from chat_app.engine import (
+    AdapterError,
+    EngineBusy,
+    EngineUnavailable,
+    InputTooLong,
+    SamplingParams,
+)
 from feedback_store import FeedbackStore, Message, StoreError
 
 from .options import ChatPageSettings
@@ -76,6 +82,11 @@ class ReplyStreamer:
         epoch = session.epoch
         try:
             gen = self._start(messages, params, conversation_id or session.conversation_id)
+        except EngineUnavailable:
+            session.generation = None
+            yield self.view(session, error("The model server is not answering; try again in a "
+                                           "moment. Your message is still in the box."))
+            return
         except EngineBusy:
             session.generation = None
             yield self.view(session, error("The model is busy right now; try again in a moment. "
