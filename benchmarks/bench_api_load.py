@@ -21,8 +21,14 @@ Figures:
   every request sent after the swap completed (``SwapEvent.at``) must be on v0001. Replies
   are counted by version. Any mismatch makes the exit status 1, like any failure.
 
+With ``--engine remote`` the same front-end generates on a ``feedback-chat engine``
+subprocess on the same machine (``FEEDBACK_CHAT_ENGINE_URL``, ``chat_app.engine.remote``);
+with ``--engine both`` it runs in-process first, then remote, and prints the remote/in-process
+ratios of requests/s and TTFT measured in the same run.
+
     python benchmarks/bench_api_load.py [--model PATH] [--requests 320] [--concurrency 16]
-                                        [--max-tokens 24] [--json FILE]
+                                        [--max-tokens 24] [--engine in-process|remote|both]
+                                        [--json FILE]
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from common import (  # noqa: E402
     parameter_count,
     percentile,
     print_table,
+    ratio,
     save_random_adapter,
     write_json,
 )
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of the requests done when the adapter is activated")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="replies the engine advances at once (default: --concurrency)")
+    parser.add_argument("--engine", choices=("in-process", "remote", "both"),
+                        default="in-process", help="where the front-end generates")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--client-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -203,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("; ".join(problems))
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import torch
-    from live_server import live_server
 
     torch.set_num_threads(args.threads)
     slots = args.max_concurrent or args.concurrency
@@ -212,40 +220,79 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(build_random_llama(
             tmp / "random-llama", hidden_size=args.hidden, num_layers=args.layers,
             never_end=True))
-        adapter = save_random_adapter(model, tmp / "staging" / NEW_VERSION, seed=1)
-        with live_server(model, tmp / "data", max_concurrent=slots,
-                         max_queued=max(32, args.concurrency)) as srv:
-            services = srv.services
-            final = srv.settings.resolved_adapters_dir / NEW_VERSION
-            final.parent.mkdir(parents=True, exist_ok=True)
-            adapter.rename(final)  # in place before it is registered, as a trainer does
-            records, t_write = drive(srv.url, args, services.store.registry, final, tmp)
-            events = [e for e in services.watcher.events if e.version == NEW_VERSION]
-            swap = events[-1] if events else None
-            versions = check_versions(records, services.store,
-                                      swap.at if swap and swap.ok else None)
+        kinds = ["in-process", "remote"] if args.engine == "both" else [args.engine]
+        runs = {kind: run_once(args, model, tmp / kind, slots, kind) for kind in kinds}
         parameters = parameter_count(model)
 
-    report = {
-        "benchmark": "bench_api_load",
-        "model": args.model or f"random-llama-{args.layers}x{args.hidden}",
-        "parameters": parameters, "device": args.device, "torch_threads": args.threads,
-        "concurrency": args.concurrency, "engine_slots": slots, "max_tokens": args.max_tokens,
-        **figures(records), "versions": versions,
-        "swap": {"ok": bool(swap and swap.ok), "watcher_swap_s": swap.seconds if swap else None,
-                 "write_to_serving_s": (swap.at - t_write) if swap and t_write else None,
-                 "poll_seconds": srv.settings.adapter_poll_seconds},
-        "note": machine_note(),
-    }
-    print_report(report)
+    reports = []
+    for kind, (records, versions, swap, poll, t_write) in runs.items():
+        reports.append({
+            "benchmark": "bench_api_load", "engine": kind,
+            "model": args.model or f"random-llama-{args.layers}x{args.hidden}",
+            "parameters": parameters, "device": args.device, "torch_threads": args.threads,
+            "concurrency": args.concurrency, "engine_slots": slots,
+            "max_tokens": args.max_tokens, **figures(records), "versions": versions,
+            "swap": {"ok": bool(swap and swap.ok),
+                     "watcher_swap_s": swap.seconds if swap else None,
+                     "write_to_serving_s": (swap.at - t_write) if swap and t_write else None,
+                     "poll_seconds": poll},
+            "note": machine_note(),
+        })
+        print_report(reports[-1])
+    report = reports[0] if len(reports) == 1 else {"benchmark": "bench_api_load",
+                                                   "runs": reports, **remote_ratios(*reports)}
+    if len(reports) == 2:
+        print_table(("remote / in-process", "requests/s", "TTFT p50", "TTFT p99",
+                     "latency p50"),
+                    [("ratio", report["ratio_requests_per_s"], report["ratio_ttft_p50"],
+                      report["ratio_ttft_p99"], report["ratio_latency_p50"])])
     write_json(args.json, report)
-    bad = (report["failures"] or not report["swap"]["ok"] or versions["stored_differs"]
-           or versions["after_swap_not_new"])
+    bad = any(r["failures"] or not r["swap"]["ok"] or r["versions"]["stored_differs"]
+              or r["versions"]["after_swap_not_new"] for r in reports)
     return 1 if bad else 0
 
 
+def run_once(args: argparse.Namespace, model: str, tmp: Path, slots: int,
+             kind: str) -> tuple[list[dict[str, Any]], dict, Any, float, float | None]:
+    """One load (with its swap) through a fresh front-end whose engine is ``kind``."""
+    from contextlib import ExitStack
+
+    from engine_process import engine_process
+    from live_server import live_server
+
+    print(f"-- {kind} engine", file=sys.stderr, flush=True)
+    adapter = save_random_adapter(model, tmp / "staging" / NEW_VERSION, seed=1)
+    with ExitStack() as stack:
+        remote = {}
+        if kind == "remote":
+            engine = stack.enter_context(engine_process(
+                model, tmp / "engine", max_concurrent=slots,
+                max_queued=max(32, args.concurrency)))
+            remote = {"engine_url": engine.url}
+        srv = stack.enter_context(live_server(model, tmp / "data", max_concurrent=slots,
+                                              max_queued=max(32, args.concurrency), **remote))
+        services = srv.services
+        final = srv.settings.resolved_adapters_dir / NEW_VERSION
+        final.parent.mkdir(parents=True, exist_ok=True)
+        adapter.rename(final)  # in place before it is registered, as a trainer does
+        records, t_write = drive(srv.url, args, services.store.registry, final, tmp)
+        events = [e for e in services.watcher.events if e.version == NEW_VERSION]
+        swap = events[-1] if events else None
+        versions = check_versions(records, services.store,
+                                  swap.at if swap and swap.ok else None)
+        return records, versions, swap, srv.settings.adapter_poll_seconds, t_write
+
+
+def remote_ratios(local: dict[str, Any], remote: dict[str, Any]) -> dict[str, float]:
+    return {"ratio_requests_per_s": ratio(remote["requests_per_s"], local["requests_per_s"]),
+            "ratio_ttft_p50": ratio(remote["ttft_p50_s"], local["ttft_p50_s"]),
+            "ratio_ttft_p99": ratio(remote["ttft_p99_s"], local["ttft_p99_s"]),
+            "ratio_latency_p50": ratio(remote["latency_p50_s"], local["latency_p50_s"])}
+
+
 def print_report(r: dict[str, Any]) -> None:
-    print(f"\nmodel {r['model']} ({r['parameters'] / 1e6:.1f}M params) on {r['device']}, "
+    print(f"\n{r['engine']} engine: model {r['model']} ({r['parameters'] / 1e6:.1f}M params) "
+          f"on {r['device']}, "
           f"{r['torch_threads']} torch threads; {r['concurrency']} streamed requests in flight, "
           f"{r['engine_slots']} engine slots, {r['max_tokens']} tokens per reply; "
           f"{NEW_VERSION} activated mid-run")
