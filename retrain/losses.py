@@ -185,6 +185,7 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    reference_point: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KTO loss (Ethayarajh et al. 2024, eq. 7) over ``B`` thumbs-rated completions.
 
@@ -207,6 +208,9 @@ def kto_loss(
     class is empty); ``rewards/margins`` = their difference (0.0 unless both classes
     are present); ``count/desirable``, ``count/undesirable`` as float tensors.
 
+    ``reference_point``: ``z0`` itself (a scalar, e.g. averaged over several processes'
+    shares of a batch), used instead of the estimate from the KL inputs.
+
     ``desirable`` is a bool tensor ``[B]``; the KL inputs are 1-D of any non-zero
     length. Gradients flow to ``policy_logps`` only. Raises ``TypeError`` for a
     non-bool ``desirable`` and ``ValueError`` for bad shapes, non-finite log-probs,
@@ -228,7 +232,10 @@ def kto_loss(
             f"desirable must have shape {tuple(policy_logps.shape)}, got {tuple(desirable.shape)}"
         )
 
-    kl = (policy_kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0)
+    if reference_point is None:
+        kl = (policy_kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0)
+    else:
+        kl = reference_point.detach().to(policy_logps.dtype).reshape(()).clamp(min=0)
     logratios = policy_logps - ref_logps.detach()
     desirable = desirable.to(logratios.device)
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))

@@ -80,6 +80,9 @@ class TrainConfig:
       grows along a reply as it drifts), so it passed its budget and was rejected.
     - ``start_from`` "base": each round trains a fresh LoRA on all the feedback so far.
 
+    ``processes`` above 1 trains the round data-parallel on that many processes
+    (:mod:`retrain.distributed`, through ``accelerate launch``; one GPU each on CUDA).
+
     ``kto_steps``/``dpo_steps`` are upper bounds (0 skips a phase); with little data a
     phase stops after ``epochs`` passes. ``desirable_weight``/``undesirable_weight``
     ``None`` means balanced from the round's class counts (``balanced_kto_weights``).
@@ -117,6 +120,7 @@ class TrainConfig:
     kl_probe_samples: int = 2
     kl_probe_tokens: int = 256
     start_from: str = "base"
+    processes: int = 1
 
     def validate(self) -> None:
         """Raise one ValueError that lists every problem, or return None."""
@@ -140,7 +144,7 @@ class TrainConfig:
                 problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name, low in (("batch_size", 1), ("max_length", 2), ("lora_r", 1), ("log_every", 1),
                           ("kl_check_every", 1), ("kl_patience", 1), ("kl_probe_prompts", 1),
-                          ("kl_probe_samples", 1), ("kl_probe_tokens", 1)):
+                          ("kl_probe_samples", 1), ("kl_probe_tokens", 1), ("processes", 1)):
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 problems.append(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
         if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
@@ -184,6 +188,51 @@ class RoundResult:
 
     metrics: dict[str, float]
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes a round is trained on, data-parallel: ``size`` of them, this one
+    ``rank``. Every process draws the same batches (same seed); each takes the rows at
+    positions ``rank, rank + size, ...`` of a batch, scales its loss to its share of the
+    batch's mean, and the gradients are summed across processes before the (identical)
+    clipping and optimiser step, so the weights stay the same everywhere and equal a
+    single process's up to the order of float additions. KTO's reference point is
+    averaged over the whole batch. ``size == 1`` is one process, with no communication."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> list[int]:
+        """Positions of a batch of ``n`` rows that this process computes."""
+        return list(range(self.rank, n, self.size))
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the processes, in place; returns it."""
+        if self.size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        if self.size == 1:
+            return
+        for p in params:
+            if p.grad is None:  # this process's share was empty
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.sum_(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset: offset + n].view_as(p))
+            offset += n
+
+
+ONE_PROCESS = World()
 
 
 def phase_steps(n_rows: int, config: TrainConfig, max_steps: int) -> int:
@@ -255,9 +304,11 @@ class _Phase:
         total: int,
         config: TrainConfig,
         progress: Callable[[dict], None] | None,
+        world: World = ONE_PROCESS,
     ) -> None:
         self.name, self.model, self.total, self.config = name, model, total, config
-        self.progress = progress
+        self.progress = progress if world.main else None
+        self.world = world
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
         warmup = round(config.warmup_ratio * total)
@@ -278,22 +329,31 @@ class _Phase:
         self.budget_reached = False
         self.steps_done = 0
         self.last_loss = math.nan
-        self.bar = tqdm(total=total, desc=f"{name} phase", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=f"{name} phase", unit="step", dynamic_ncols=True,
+                        disable=not world.main)
 
     def step(self, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor | float]) -> None:
         """Back-propagate ``loss``, take one optimiser step and record ``metrics``."""
-        if not torch.isfinite(loss):
+        bad = self.world.sum_(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]))
+        if bad.item():  # on any process: all of them stop here together
             self.bar.close()
-            raise TrainingError(f"{self.name} loss is {loss.item()} at step {step}; nothing saved")
+            raise TrainingError(f"{self.name} loss is {loss.item()} at step {step} "
+                                f"(on {int(bad.item())} of {self.world.size} processes); "
+                                "nothing saved")
         lr = self.scheduler.get_last_lr()[0]
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
+        self.world.sum_grads(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done = step
         record: dict[str, Any] = {"phase": self.name, "step": step, "total_steps": self.total}
-        record["loss"] = self.last_loss = loss.item()
+        # the whole batch's loss (the processes' shares summed); other figures are this
+        # process's share of the batch
+        whole = self.world.sum_(loss.detach().reshape(1).clone()) if self.world.size > 1 else loss
+        record["loss"] = self.last_loss = whole.item()
         values = {key: _scalar(value) for key, value in metrics.items()}
         record["reward_margin"] = values.get("rewards/margins", math.nan)
         record.update(values, lr=lr, grad_norm=_scalar(grad_norm))
@@ -345,6 +405,7 @@ def _train_kto(
     progress: Callable[[dict], None] | None,
     generator: torch.Generator,
     probe: KLProbe | None = None,
+    world: World = ONE_PROCESS,
 ) -> tuple[dict[str, float], list[dict]]:
     """KTO phase. The KL reference point of each batch comes from mismatched pairs
     (prompt i with completion j != i, ``mismatched_indices``), scored without gradient.
@@ -358,7 +419,7 @@ def _train_kto(
         config.undesirable_weight if config.undesirable_weight is not None else balanced[1]
     )
     total = phase_steps(len(examples), config, config.kto_steps)
-    phase = _Phase("kto", model, total, config, progress)
+    phase = _Phase("kto", model, total, config, progress, world)
     phase.probe = probe
     device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
@@ -369,13 +430,18 @@ def _train_kto(
         )
 
     for step in range(1, total + 1):
-        batch = [examples[i] for i in next(batches)]
+        whole = [examples[i] for i in next(batches)]
+        mismatched = mismatched_indices(len(whole))
+        mine = world.share(len(whole))
+        if not mine:  # fewer rows in the batch than processes: this one has none
+            phase.step(step, torch.zeros(()), {})
+            if phase.budget_reached:
+                break
+            continue
+        batch = [whole[i] for i in mine]
         matched = collate([(e.turn.prompt_ids, e.turn.completion_ids) for e in batch])
         kl_pairs = collate(
-            [
-                (e.turn.prompt_ids, batch[j].turn.completion_ids)
-                for e, j in zip(batch, mismatched_indices(len(batch)), strict=True)
-            ]
+            [(whole[i].turn.prompt_ids, whole[mismatched[i]].turn.completion_ids) for i in mine]
         )
         desirable = torch.tensor([e.desirable for e in batch], dtype=torch.bool, device=device)
         policy, ref = _policy_and_reference(model, matched)
@@ -383,6 +449,8 @@ def _train_kto(
             policy_kl = _logps(model, kl_pairs)
             with modeling.reference_mode(model):
                 ref_kl = _logps(model, kl_pairs)
+            # z0 = the mean over the whole batch, whichever process scored which pair
+            z0 = world.sum_((policy_kl - ref_kl).sum().reshape(1)) / len(whole)
         loss, metrics = kto_loss(
             policy,
             ref,
@@ -392,10 +460,13 @@ def _train_kto(
             beta=config.beta,
             desirable_weight=w_desirable,
             undesirable_weight=w_undesirable,
+            reference_point=z0,
         )
+        loss = loss * (len(batch) / len(whole))  # this share of the whole batch's mean
         nll = per_token_nll(policy, matched.labels)
+        whole_desirable = sum(e.desirable for e in whole)
         if config.sft_weight and bool(desirable.any()):
-            loss = loss + config.sft_weight * nll[desirable].mean()
+            loss = loss + config.sft_weight * nll[desirable].sum() / whole_desirable
         logged = {**metrics, "logps/policy": policy}
         if bool(desirable.any()):
             logged["nll/desirable"] = nll[desirable]
@@ -417,18 +488,25 @@ def _train_dpo(
     progress: Callable[[dict], None] | None,
     generator: torch.Generator,
     probe: KLProbe | None = None,
+    world: World = ONE_PROCESS,
 ) -> tuple[dict[str, float], list[dict]]:
     """DPO phase: chosen and rejected of a batch go through the model in one forward.
     The loss adds ``sft_weight`` times the mean per-token NLL of the chosen replies
     (RPO)."""
     start = time.perf_counter()
     total = phase_steps(len(examples), config, config.dpo_steps)
-    phase = _Phase("dpo", model, total, config, progress)
+    phase = _Phase("dpo", model, total, config, progress, world)
     phase.probe = probe
     device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
     for step in range(1, total + 1):
-        batch = [examples[i] for i in next(batches)]
+        whole = [examples[i] for i in next(batches)]
+        batch = [whole[i] for i in world.share(len(whole))]
+        if not batch:  # fewer pairs in the batch than processes: this one has none
+            phase.step(step, torch.zeros(()), {})
+            if phase.budget_reached:
+                break
+            continue
         pairs = [(e.chosen.prompt_ids, e.chosen.completion_ids) for e in batch]
         pairs += [(e.rejected.prompt_ids, e.rejected.completion_ids) for e in batch]
         both = modeling.collate(
@@ -449,9 +527,10 @@ def _train_dpo(
             loss_type=config.dpo_loss_type,
             **lengths,
         )
+        loss = loss * (n / len(whole))  # this share of the whole batch's mean
         nll = per_token_nll(policy[:n], both.labels[:n])
         if config.sft_weight:
-            loss = loss + config.sft_weight * nll.mean()
+            loss = loss + config.sft_weight * nll.sum() / len(whole)
         phase.step(
             step,
             loss,
@@ -494,6 +573,7 @@ def _run_phases(
     config: TrainConfig,
     progress: Callable[[dict], None] | None,
     probes: list[list[dict]],
+    world: World = ONE_PROCESS,
 ) -> RoundResult:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable (LoRA) parameters")
@@ -517,14 +597,14 @@ def _run_phases(
     history: list[dict] = []
     if phase_steps(len(kto), config, config.kto_steps):
         phase_metrics, phase_history = _train_kto(
-            model, tokenizer, kto, config, progress, generator, probe
+            model, tokenizer, kto, config, progress, generator, probe, world
         )
         metrics.update(phase_metrics)
         history += phase_history
     budget_spent = bool(metrics.get("kto/stopped_by_kl_budget"))
     if phase_steps(len(dpo), config, config.dpo_steps) and not budget_spent:
         phase_metrics, phase_history = _train_dpo(
-            model, tokenizer, dpo, config, progress, generator, probe
+            model, tokenizer, dpo, config, progress, generator, probe, world
         )
         metrics.update(phase_metrics)
         history += phase_history
@@ -563,6 +643,7 @@ def train_round(
     config: TrainConfig = TrainConfig(),
     progress: Callable[[dict], None] | None = None,
     probe_messages: list[list[dict]] | None = None,
+    world: World = ONE_PROCESS,
 ) -> RoundResult:
     """Train one adapter version and save it with ``save_pretrained`` to ``out_dir``.
 
@@ -580,7 +661,8 @@ def train_round(
     the base; ``"parent"`` continues the parent adapter. ``probe_messages`` (chat
     prompts, best not trained on, e.g. the held-out split's) are where the KL budget is
     measured on sampled replies (:mod:`retrain.budget`); by default the rows' own
-    prompts.
+    prompts. ``world``: this process's place when the round runs data-parallel
+    (:class:`World`, :mod:`retrain.distributed`); only the main process saves.
     """
     config.validate()
     _check_work(kto_rows, dpo_rows, config)
@@ -614,9 +696,10 @@ def train_round(
     )
     probes = (probe_messages or probe_prompts(kto_rows + dpo_rows, config.kl_probe_prompts,
                                               config.seed))[: config.kl_probe_prompts]
-    result = _run_phases(model, tokenizer, kto, dpo, config, progress, probes)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    result = _run_phases(model, tokenizer, kto, dpo, config, progress, probes, world)
+    if world.main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir))
     metrics = dict(result.metrics, seconds=time.perf_counter() - start)
     metrics["quantized_4bit"] = float(quantize)
     return RoundResult(metrics=metrics, history=result.history)

@@ -134,13 +134,23 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             reg.update_run(run_id, progress=rec, history=[rec])
 
         t0 = time.perf_counter()
-        result = train_round(base_model=settings.model,
-                             parent_adapter=Path(parent.path) if parent else None,
-                             kto_rows=kto, dpo_rows=dpo, out_dir=tmp, config=train_cfg,
-                             progress=progress,
-                             probe_messages=probe_prompts(heldout_kto + heldout_dpo,
-                                                          train_cfg.kl_probe_prompts,
-                                                          train_cfg.seed))
+        probes = probe_prompts(heldout_kto + heldout_dpo, train_cfg.kl_probe_prompts,
+                               train_cfg.seed)
+        if train_cfg.processes > 1:
+            from .distributed import train_data_parallel
+
+            reg.update_run(run_id, progress={"phase": "training",
+                                             "processes": train_cfg.processes})
+            _inject_fault()
+            result = train_data_parallel(
+                processes=train_cfg.processes, base_model=settings.model,
+                parent_adapter=Path(parent.path) if parent else None, kto_rows=kto,
+                dpo_rows=dpo, out_dir=tmp, config=train_cfg, probe_messages=probes)
+        else:
+            result = train_round(base_model=settings.model,
+                                 parent_adapter=Path(parent.path) if parent else None,
+                                 kto_rows=kto, dpo_rows=dpo, out_dir=tmp, config=train_cfg,
+                                 progress=progress, probe_messages=probes)
         train_seconds = time.perf_counter() - t0
 
         reg.update_run(run_id, progress={"phase": "evaluating"})
