@@ -164,13 +164,23 @@ def create_app(services: Services) -> FastAPI:
         default_system_prompt=settings.system_prompt,
         down_reasons=Settings.reasons(settings.down_reasons),
         up_reasons=Settings.reasons(settings.up_reasons),
+        canary_compare_share=settings.canary_compare_share,
         browser_state_secret=settings.resolved_session_secret(),
         sampling=SamplingParams(max_new_tokens=settings.max_new_tokens,
                                 temperature=settings.temperature, top_p=settings.top_p),
     ))
     page.queue(default_concurrency_limit=settings.max_concurrent + settings.max_queued)
     logins = settings.user_logins()
-    return gr.mount_gradio_app(app, page, path="/", auth=logins or None, css=PAGE_CSS)
+    app = gr.mount_gradio_app(app, page, path="/", auth=logins or None, css=PAGE_CSS)
+    if logins:
+        from starlette.routing import Mount
+
+        from .idle_sessions import IdleSessions
+
+        for route in app.router.routes:
+            if isinstance(route, Mount) and route.path == "":
+                route.app = IdleSessions(route.app, idle_s=settings.session_idle_minutes * 60)
+    return app
 
 
 def serve(settings: Settings) -> int:

@@ -77,7 +77,9 @@ class Settings:
         "secret that protects what the chat page keeps in each browser; empty: one is made "
         "and kept in the data folder (set the same one on every replica)", secret=True))
     api_keys: str = field(default="", metadata=_meta(
-        "comma-separated API keys for /v1 (required in production mode)", secret=True))
+        "comma-separated API keys for /v1 (required in production mode); a 'name:key' "
+        "entry acts for user 'name' only: it sees and rates that user's conversations "
+        "alone", secret=True))
     retrain_interval_minutes: float = field(default=60.0, metadata=_meta(
         "how often the scheduler considers a training round"))
     retrain_min_feedback: int = field(default=20, metadata=_meta(
@@ -93,6 +95,8 @@ class Settings:
         "how far back failed sign-ins count"))
     login_lockout_seconds: float = field(default=60.0, metadata=_meta(
         "how long sign-in stays refused after the last failure over the limit"))
+    session_idle_minutes: float = field(default=60.0, metadata=_meta(
+        "a chat-page or console sign-in unused this long must sign in again; 0: never"))
     canary_share: float = field(default=0.2, metadata=_meta(
         "share of new conversations a version that passed the gate serves before live "
         "ratings decide; 0: off, promote directly"))
@@ -106,6 +110,9 @@ class Settings:
         "a canary still undecided after this long ends and the active version stays"))
     canary_max_ratings: int = field(default=2000, metadata=_meta(
         "a canary still undecided after this many ratings (both versions) ends the same way"))
+    canary_compare_share: float = field(default=0.1, metadata=_meta(
+        "while a canary runs, the share of finished chat-page replies shown side by side "
+        "with the other version's reply to the same message, for a pick; 0: only on request"))
     canary_check_seconds: float = field(default=10.0, metadata=_meta(
         "how often the server applies the canary's decision rule"))
 
@@ -167,6 +174,10 @@ class Settings:
         for url in self.engine_urls():
             if not url.startswith(("http://", "https://")):
                 p.append(f"engine_url {url!r} must start with http:// or https://")
+        if not 0.0 <= self.canary_compare_share <= 1.0:
+            p.append("canary_compare_share must be between 0 and 1")
+        if self.session_idle_minutes < 0:
+            p.append("session_idle_minutes must be 0 (never) or more")
         if self.engine_retry_seconds <= 0:
             p.append("engine_retry_seconds must be positive")
         if self.canary_check_seconds <= 0:
@@ -218,7 +229,19 @@ class Settings:
         return [u.strip() for u in self.engine_url.split(",") if u.strip()]
 
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        return frozenset(self.api_key_users())
+
+    def api_key_users(self) -> dict[str, str | None]:
+        """Each API key with the user it acts for ('name:key'), or None (a plain key:
+        a trusted program that says which user in each request)."""
+        out: dict[str, str | None] = {}
+        for item in filter(None, (k.strip() for k in self.api_keys.split(","))):
+            name, sep, key = item.partition(":")
+            if sep and name.strip() and key.strip():
+                out[key.strip()] = name.strip()
+            else:
+                out[item] = None
+        return out
 
     def public_dict(self) -> dict[str, Any]:
         """The settings with secrets masked, for logs and the console."""

@@ -122,8 +122,10 @@ def _select_split(rows: list[dict[str, Any]], flt: RowFilter,
 
 
 def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
-                   with_ids: bool = False) -> list[dict[str, Any]]:
-    """Unpaired rows from thumbs. ``with_ids`` adds ``reply_id`` and ``conversation_id``."""
+                   with_ids: bool = False, with_tags: bool = False) -> list[dict[str, Any]]:
+    """Unpaired rows from thumbs. ``with_ids`` adds ``reply_id`` and ``conversation_id``;
+    ``with_tags`` adds ``tags``: the reasons picked with the votes that count (sorted,
+    each once; ``[]`` when none was picked)."""
     flt = flt or RowFilter()
     flt.validate()
 
@@ -133,8 +135,10 @@ def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
         for ev in events:  # ascending id: later votes replace earlier ones
             latest[(ev.reply_id, ev.user_id or "")] = ev
         tally: dict[int, int] = defaultdict(int)
+        reasons: dict[int, set[str]] = defaultdict(set)
         for (reply_id, _), ev in latest.items():
             tally[reply_id] += 1 if ev.kind == "up" else -1
+            reasons[reply_id].update(ev.tags or ())
         threads = _Threads(s, {ev.conversation_id for ev in events})
         rows = []
         for reply_id in sorted(tally):
@@ -148,6 +152,8 @@ def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
             }
             if with_ids:
                 row.update(reply_id=reply_id, conversation_id=reply.conversation_id)
+            if with_tags:
+                row["tags"] = sorted(reasons[reply_id])
             rows.append(row)
         return _select_split(rows, flt, ("completion",))
 

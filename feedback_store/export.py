@@ -17,8 +17,8 @@ KINDS = ("kto", "dpo")
 
 
 def rows_for(store: FeedbackStore, kind: str, flt: RowFilter | None = None) -> list[dict[str, Any]]:
-    if kind == "kto":
-        return build_kto_rows(store, flt)
+    if kind == "kto":  # with the reasons users picked (a column TRL leaves alone)
+        return build_kto_rows(store, flt, with_tags=True)
     if kind == "dpo":
         return build_dpo_rows(store, flt)
     raise InvalidInput(f"kind must be 'kto' or 'dpo', not {kind!r}")

@@ -130,7 +130,7 @@ def test_db_upgrade_export_and_adapters_commands(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"prompt": [{"role": "user", "content": "Where is Paris?"}],
                      "completion": [{"role": "assistant", "content": "In France."}],
-                     "label": True}]
+                     "label": True, "tags": []}]
     out = tmp_path / "dpo.jsonl"
     r = cli("export", "--kind", "dpo", "--out", str(out), "--data-dir", str(tmp_path),
             "--split", "all")

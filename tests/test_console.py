@@ -10,6 +10,7 @@ answers without the operator's login, a chat user's login included.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -240,7 +241,8 @@ def test_export_writes_the_rows_of_the_store_and_of_the_export_command(
     set_times(store, {e["id"]: datetime(2026, 1, 5, tzinfo=UTC) for e in events[-9:]})
     ctx = make_ctx(store, tmp_path)
     flt = queries.parse_filter(since="2026-01-06", kinds=["up"], user="bob", search="x")
-    for kind, build in (("kto", build_kto_rows), ("dpo", build_dpo_rows)):
+    kto_with_tags = functools.partial(build_kto_rows, with_tags=True)  # as exported
+    for kind, build in (("kto", kto_with_tags), ("dpo", build_dpo_rows)):
         result = queries.export_view(ctx, flt, kind)
         assert result.path.parent == ctx.export_dir
         rows = [json.loads(line) for line in result.path.read_text().splitlines()]

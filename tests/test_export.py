@@ -1,6 +1,6 @@
-"""JSONL export: files that Hugging Face ``datasets`` loads, with exactly the columns
-TRL's KTO (prompt, completion, label) and DPO (prompt, chosen, rejected) trainers
-take, holding the same rows as the store builds.
+"""JSONL export: files that Hugging Face ``datasets`` loads, with the columns TRL's KTO
+(prompt, completion, label; plus the reasons users picked, as tags) and DPO (prompt,
+chosen, rejected) trainers take, holding the same rows as the store builds.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def fill(store: FeedbackStore) -> None:
 
 
 @pytest.mark.parametrize(("kind", "columns", "build"), [
-    ("kto", ["prompt", "completion", "label"], build_kto_rows),
+    ("kto", ["prompt", "completion", "label", "tags"],
+     lambda store: build_kto_rows(store, with_tags=True)),
     ("dpo", ["prompt", "chosen", "rejected"], build_dpo_rows),
 ])
 def test_export_loads_with_datasets_and_equals_the_store_rows(
@@ -64,6 +65,11 @@ def test_export_loads_with_datasets_and_equals_the_store_rows(
     assert ds.to_list() == expected
     if kind == "kto":
         assert ds.features["label"].dtype == "bool"
+        # the reasons picked with a vote go out with its row (TRL ignores the column)
+        assert [r["tags"] for r in expected if r["completion"][0]["content"] == "Second reply"
+                ] == [["wrong"]]
+        assert all(r["tags"] == [] for r in expected
+                   if r["completion"][0]["content"] != "Second reply")
     assert any(TRICKY in m["content"] for row in expected for m in row["prompt"])
 
 
@@ -77,7 +83,7 @@ def test_export_applies_the_row_filter_and_replaces_the_file(
     only_v1 = RowFilter(adapter_version="v0001")
     assert export(store, kind="kto", out=out, flt=only_v1) == 1
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 1 and json.loads(lines[0]) == build_kto_rows(store, only_v1)[0]
+    assert len(lines) == 1 and json.loads(lines[0]) == build_kto_rows(store, only_v1, with_tags=True)[0]
     assert export(store, kind="kto", out=out, flt=RowFilter(after_event_id=last)) == 0
     assert out.read_text() == ""
 

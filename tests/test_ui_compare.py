@@ -95,3 +95,57 @@ def test_both_bad_is_a_thumbs_down_on_each(served, model_dir: Path,  # type: ign
     assert [e.kind for e in store.events_for(a)] == ["down"]
     assert [e.kind for e in store.events_for(b)] == ["down"]
     assert rows_for(store, "dpo") == [] and len(rows_for(store, "kto")) == 2
+
+
+class WatcherRouter:
+    """What the served app's ``Services`` passes to the chat page: the watcher's view of
+    which version serves which conversation, and of the canary."""
+
+    def __init__(self, watcher: AdapterWatcher) -> None:
+        self.watcher = watcher
+
+    def version_for(self, conversation_id: int | None) -> str | None:
+        return self.watcher.version_for(conversation_id)
+
+    def canary_running(self) -> bool:
+        return self.watcher.canary_running()
+
+    def canary_version(self) -> str | None:
+        return self.watcher.canary_version()
+
+
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_while_a_canary_runs_a_share_of_replies_come_side_by_side_unasked(
+        served, model_dir: Path, tmp_path: Path, share: float) -> None:  # type: ignore[no-untyped-def]
+    from feedback_store.canary import CanaryConfig
+
+    ui, store = served
+    serve_an_adapter(ui, store, model_dir, tmp_path / "v0001")
+    make_tiny_adapter(model_dir, tmp_path / "v0002", seed=9)
+    store.registry.register_version(version="v0002", path=str(tmp_path / "v0002"))
+    watcher = AdapterWatcher(store.registry, ui.engine, canaries=store.canaries)
+    ui.router = WatcherRouter(watcher)
+    ui.settings = ChatPageSettings(sampling=SAMPLING, stream_interval_s=0.0,
+                                   canary_compare_share=share)
+    session, _ = ui.load(None)
+    list(ui.send(session, "Before any canary"))
+    assert ui.canary_compare(session) is None  # no canary: nothing unasked
+
+    store.canaries.start("v0002", CanaryConfig(share=0.5, min_ratings=10))
+    watcher.sync()
+    assert ui.router.canary_version() == "v0002"
+    session, _ = ui.load(None)
+    list(ui.send(session, "During the canary"))
+    before = store.counts()
+    shown = ui.canary_compare(session)
+    if share == 0.0:
+        assert shown is None and session.side_by_side is None
+        assert store.counts() == before
+        return
+    assert shown is not None and not shown.notice.is_error
+    a, b = session.side_by_side
+    versions = {store.get_message(a).adapter_version, store.get_message(b).adapter_version}
+    assert versions == {"v0001", "v0002"}  # the canary against the active version
+    assert ui.canary_compare(session) is None  # one comparison at a time
+    assert not ui.pick_side(session, "a").notice.is_error
+    assert any(r["chosen"] for r in rows_for(store, "dpo"))

@@ -117,6 +117,7 @@ IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", max_length=90)
 def build_router(services: Any) -> APIRouter:
     settings = services.settings
     keys = settings.api_key_set()
+    key_users = settings.api_key_users()
 
     def require_key(request: Request) -> str | None:
         if not keys:
@@ -127,6 +128,34 @@ def build_router(services: Any) -> APIRouter:
             raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                            type="authentication_error", code="invalid_api_key")
         return token.strip()
+
+    def caller(token: str | None = Depends(require_key)) -> str | None:
+        """The user a 'name:key' API key acts for; None for a plain key (or none)."""
+        return key_users.get(token) if token else None
+
+    def acting(user: str | None, who: str | None) -> str | None:
+        """The request's user: the key's, when it has one (a different 'user' is refused)."""
+        if who is None:
+            return user
+        if user is not None and user != who:
+            raise ApiError(403, f"this API key acts for user {who!r}: leave 'user' out or "
+                           f"set it to {who!r}", type="permission_error", param="user",
+                           code="user_mismatch")
+        return who
+
+    def check_owner(who: str | None, *, reply_id: Any = None,
+                    conversation_id: int | None = None) -> None:
+        """With a user's key, another user's reply or conversation is answered as if it
+        did not exist (404, the same words as for an unknown id)."""
+        if who is None:
+            return
+        if reply_id is not None:
+            msg = store.get_message(reply_id)
+            if not store.owns_conversation(msg.conversation_id, user_id=who):
+                raise NotFound(f"no message with id {msg.id}")
+        if conversation_id is not None and not store.owns_conversation(conversation_id,
+                                                                       user_id=who):
+            raise NotFound(f"no conversation with id {conversation_id}")
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
     store, engine = services.store, services.engine
@@ -251,8 +280,9 @@ def build_router(services: Any) -> APIRouter:
                                  media_type="text/event-stream")
 
     @router.post("/chat/completions", response_model=None)
-    def chat_completions(req: ChatCompletionRequest,
-                         key: str | None = IDEMPOTENCY_KEY) -> Any:
+    def chat_completions(req: ChatCompletionRequest, key: str | None = IDEMPOTENCY_KEY,
+                         who: str | None = Depends(caller)) -> Any:
+        user = acting(req.user, who)
         problems = req.unsupported()
         if problems:
             raise ApiError(400, "; ".join(problems), code="unsupported_parameter")
@@ -275,6 +305,10 @@ def build_router(services: Any) -> APIRouter:
                           req.top_p, stop, req.seed)
         prompt = ([{"role": "system", "content": system}] if system else []) + [
             {"role": r, "content": t} for r, t in turns]
+        try:
+            check_owner(who, conversation_id=req.conversation_id)
+        except Exception as exc:
+            raise _store_errors(exc) from exc
         if key is not None:  # sent before: answer with what was stored, generate nothing
             try:
                 done = store.message_for_request(f"{key}/reply")
@@ -288,7 +322,7 @@ def build_router(services: Any) -> APIRouter:
 
         def store_turns() -> Any:
             return append_turns(store, turns=turns, system_prompt=system,
-                                conversation_id=req.conversation_id, user_id=req.user,
+                                conversation_id=req.conversation_id, user_id=user,
                                 request_id=f"{key}/user" if key else None)
 
         if not services.canary_running():
@@ -336,34 +370,41 @@ def build_router(services: Any) -> APIRouter:
         return {"object": "list", "data": data}
 
     @router.post("/feedback")
-    def feedback(req: FeedbackRequest, key: str | None = IDEMPOTENCY_KEY) -> dict[str, Any]:
+    def feedback(req: FeedbackRequest, key: str | None = IDEMPOTENCY_KEY,
+                 who: str | None = Depends(caller)) -> dict[str, Any]:
+        user = acting(req.user, who)
         try:
+            check_owner(who, reply_id=req.reply_id)
             if req.rating is None:
                 if req.comment is None:
                     raise InvalidInput("give a rating ('up' or 'down'), a comment, or both")
                 ev = store.comment(reply_id=req.reply_id, comment=req.comment, tags=req.tags,
-                                   user_id=req.user, request_id=key)
+                                   user_id=user, request_id=key)
             else:
                 ev = store.rate(reply_id=req.reply_id, rating=req.rating, comment=req.comment,
-                                tags=req.tags, user_id=req.user, request_id=key)
+                                tags=req.tags, user_id=user, request_id=key)
         except Exception as exc:
             raise _store_errors(exc) from exc
         return {"event": _event(ev)}
 
     @router.post("/replies/{reply_id}/edit")
-    def edit(reply_id: str, req: EditRequest, key: str | None = IDEMPOTENCY_KEY
-             ) -> dict[str, Any]:
+    def edit(reply_id: str, req: EditRequest, key: str | None = IDEMPOTENCY_KEY,
+             who: str | None = Depends(caller)) -> dict[str, Any]:
+        user = acting(req.user, who)
         try:
-            new, ev = store.edit_reply(reply_id=reply_id, content=req.content, user_id=req.user,
+            check_owner(who, reply_id=reply_id)
+            new, ev = store.edit_reply(reply_id=reply_id, content=req.content, user_id=user,
                                        request_id=key)
         except Exception as exc:
             raise _store_errors(exc) from exc
         return {"reply": _message(new), "event": _event(ev)}
 
     @router.post("/replies/{reply_id}/regenerate")
-    def regenerate(reply_id: str, req: RegenerateRequest | None = None) -> dict[str, Any]:
+    def regenerate(reply_id: str, req: RegenerateRequest | None = None,
+                   who: str | None = Depends(caller)) -> dict[str, Any]:
         req = req or RegenerateRequest()
         try:
+            check_owner(who, reply_id=reply_id)
             original = store.get_message(reply_id)
             if not original.is_reply:
                 raise InvalidInput(f"message {reply_id} is a {original.role} message, not a reply")
@@ -384,18 +425,22 @@ def build_router(services: Any) -> APIRouter:
         return completion_body(reply, gen, conv.id, int(time.time()))
 
     @router.post("/preferences")
-    def preferences(req: PreferenceRequest, key: str | None = IDEMPOTENCY_KEY
-                    ) -> dict[str, Any]:
+    def preferences(req: PreferenceRequest, key: str | None = IDEMPOTENCY_KEY,
+                    who: str | None = Depends(caller)) -> dict[str, Any]:
+        user = acting(req.user, who)
         try:
+            check_owner(who, reply_id=req.chosen_id)
+            check_owner(who, reply_id=req.rejected_id)
             ev = store.choose(chosen_id=req.chosen_id, rejected_id=req.rejected_id,
-                              user_id=req.user, request_id=key)
+                              user_id=user, request_id=key)
         except Exception as exc:
             raise _store_errors(exc) from exc
         return {"event": _event(ev)}
 
     @router.get("/replies/{reply_id}")
-    def reply(reply_id: str) -> dict[str, Any]:
+    def reply(reply_id: str, who: str | None = Depends(caller)) -> dict[str, Any]:
         try:
+            check_owner(who, reply_id=reply_id)
             msg = store.get_message(reply_id)
             if not msg.is_reply:
                 raise InvalidInput(f"message {reply_id} is a {msg.role} message, not a reply")

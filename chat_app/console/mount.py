@@ -67,6 +67,7 @@ def mount_console(
 
     import gradio as gr
 
+    from ..idle_sessions import IdleSessions
     from .page import build_console
 
     console = build_console(services=services, retrain_settings=retrain_settings)
@@ -81,7 +82,9 @@ def mount_console(
     )
     for route in app.router.routes[before:]:
         if isinstance(route, Mount) and route.path == path.rstrip("/"):
-            route.app = OperatorGate(route.app, auth_message=message)
+            route.app = OperatorGate(
+                IdleSessions(route.app, idle_s=settings.session_idle_minutes * 60),
+                auth_message=message)
     app.add_api_route(path, lambda: RedirectResponse(path + "/"), methods=["GET", "HEAD"],
                       include_in_schema=False)
     _ahead_of_root_mount(app, before)

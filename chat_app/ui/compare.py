@@ -5,8 +5,10 @@ to a second version: the other side of a running canary, else the base when the 
 came from an adapter, else the active adapter. The second reply is stored as a sibling
 of the first (with the version that wrote it) and both are shown unlabelled, in a random
 order. The user picks the better one, stored as a choice, so the pair becomes a DPO row
-across versions, or says both are bad (a thumbs down on each). The ordinary chat is not
-slowed: nothing is generated unless asked.
+across versions, or says both are bad (a thumbs down on each). While a canary runs, a
+share of finished replies (``ChatPageSettings.canary_compare_share``) is compared this
+way without being asked. The ordinary chat is not slowed: the second reply is generated
+only after the first has ended, and only when asked or drawn during a canary.
 """
 
 from __future__ import annotations
@@ -86,6 +88,23 @@ class SideBySideHandlers:
         session.pending_choice = None
         return self.view(session, info("Two replies to your last message are shown side by "
                                        "side: pick the better one."))
+
+    def canary_compare(self, session: ChatSession) -> PageUpdate | None:
+        """While a canary runs, for ``canary_compare_share`` of finished replies, the
+        side-by-side comparison with the other side of the canary (None: nothing to do,
+        the page is left as it is)."""
+        share = self.settings.canary_compare_share
+        canary = self.router.canary_version() if self.router is not None else None
+        if canary is None or share <= 0 or session.generating \
+                or session.side_by_side is not None:
+            return None
+        position = session.last_reply_position()
+        if position is None or position != len(session.thread) - 1 \
+                or session.thread[position].finish_reason in (None, "cancelled", "error"):
+            return None
+        if secrets.randbelow(1_000_000) >= share * 1_000_000:
+            return None
+        return self.compare(session)
 
     def pick_side(self, session: ChatSession, pick: Any) -> PageUpdate:
         """``pick`` "a" or "b" (the better reply, stored as a choice) or "both_bad"."""

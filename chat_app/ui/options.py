@@ -26,7 +26,9 @@ class ChatPageSettings:
     server restart. Several replicas behind one address need the same secret.
     ``down_reasons`` / ``up_reasons`` are the reasons offered beside the thumbs (under
     the reply's flag menu); picking one rates the reply down (up) and stores the reason
-    as the event's tag.
+    as the event's tag. While a canary runs, ``canary_compare_share`` of the finished
+    replies get a second reply from the other side of the canary, shown side by side for
+    a pick, after the first reply has ended (so it is never slowed); 0 turns that off.
     """
 
     title: str = "Feedback chat"
@@ -38,6 +40,7 @@ class ChatPageSettings:
     stream_interval_s: float = 0.05
     down_reasons: tuple[str, ...] = DEFAULT_DOWN_REASONS
     up_reasons: tuple[str, ...] = DEFAULT_UP_REASONS
+    canary_compare_share: float = 0.1
 
     def reason_rating(self, option: str) -> str | None:
         """``"down"`` or ``"up"`` for a configured reason, else None."""

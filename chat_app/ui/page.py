@@ -265,6 +265,13 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
         def on_compare(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
             return one(handlers.compare)(state_value, request=request)
 
+        def on_canary_compare(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
+            session = session_of(state_value, request)
+            update = handlers.canary_compare(session)
+            if update is None:
+                return tuple(gr.skip() for _ in outputs)
+            return render(session, update)
+
         def on_pick(pick: str) -> Callable[..., tuple[Any, ...]]:
             def run(state_value: Any, request: gr.Request) -> tuple[Any, ...]:
                 return one(handlers.pick_side)(state_value, pick, request=request)
@@ -309,10 +316,12 @@ def build_chat_page(*, store: FeedbackStore, engine: Any, settings: ChatPageSett
                   api_visibility="private").then(**listed)
         sided = dict(fn=side_update, inputs=[state], outputs=[side_group, side_a, side_b],
                      show_progress="hidden", api_visibility="private", concurrency_limit=None)
+        canary = dict(fn=on_canary_compare, inputs=[state], outputs=outputs,
+                      show_progress="minimal", api_visibility="private")
         send_btn.click(on_send, [state, message, system_prompt], api_name="send",
-                       **stream).then(**then).then(**listed).then(**sided)
+                       **stream).then(**then).then(**listed).then(**canary).then(**sided)
         message.submit(on_send, [state, message, system_prompt], api_visibility="private",
-                       **stream).then(**then).then(**listed).then(**sided)
+                       **stream).then(**then).then(**listed).then(**canary).then(**sided)
         regen_btn.click(on_regenerate, [state], api_name="regenerate", **stream).then(
             **then).then(**sided)
         chatbot.retry(on_retry, [state], api_visibility="private", **stream).then(**then)
