@@ -406,18 +406,28 @@ class FeedbackStore(ConversationLists):
     # -- deletion -----------------------------------------------------------------------
 
     def delete_conversation(self, conversation_id: int, *, by: str | None = None,
-                            owner: str | None = None) -> dict[str, int]:
+                            owner: str | None = None,
+                            client_key: str | None = None) -> dict[str, int]:
         """Delete a conversation's messages and feedback, so no view, training round or
         export sees them again; its row stays, without its text, as the record of who
-        deleted it and when. ``owner``: refuse (NotFound, as for a missing id) unless
-        the conversation belongs to that user. Deleting twice is a no-op."""
+        deleted it and when. ``owner`` (a user) or else ``client_key`` (a browser without
+        a login): refuse (NotFound, as for a missing id) unless the conversation belongs
+        to that owner, checked in the same transaction. Deleting twice is a no-op."""
         cid = check_id(conversation_id, "conversation id")
         by = check_user(by)
         owner = check_user(owner)
+        key = None if client_key is None else check_label(client_key, "client key",
+                                                          max_chars=MAX_LABEL_CHARS)
 
         def work(s: Session) -> dict[str, int]:
             conv = _get(s, ConversationRow, cid, "conversation")
-            if owner is not None and conv.user_id != owner:
+            if owner is not None:
+                mine = conv.user_id == owner
+            elif key is not None:
+                mine = conv.user_id is None and conv.client_key == key
+            else:
+                mine = True
+            if not mine:
                 raise NotFound(f"no conversation with id {cid}")
             return _erase(s, conv, by)
 

@@ -20,6 +20,14 @@ from chat_app.server import Services, build_services, create_app
 from chat_app.settings import Settings
 
 
+def wait_for(cond: Any, timeout: float = 120.0, what: str = "condition") -> None:
+    """Poll ``cond()`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx
 import pytest
 import torch
 from conftest import fresh_postgres_url
-from live_server import live_server
+from live_server import live_server, wait_for
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -58,12 +57,6 @@ def pg_url() -> Iterator[str]:
     yield from fresh_postgres_url()
 
 
-def wait_for(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
 
 
 def start_canary(store: FeedbackStore, adapters: dict[str, Path], urls: list[str]) -> None:

@@ -25,7 +25,7 @@ import pytest
 from conftest import fresh_postgres_url
 from engine_process import EngineProcess
 from feedback_data import seed_preferences
-from live_server import free_port
+from live_server import free_port, wait_for
 from tiny_models import make_tiny_model
 
 from feedback_store import FeedbackStore
@@ -117,11 +117,6 @@ class Load:
             t.join(timeout=120)
 
 
-def wait_for(cond, timeout: float = 300.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def health(url: str) -> dict:

@@ -85,3 +85,17 @@ def test_forgetting_a_user_deletes_all_they_wrote(store: FeedbackStore, db_url: 
 def _conversations(store: FeedbackStore, user: str) -> list:  # type: ignore[type-arg]
     ids = {e.event.conversation_id for e in store.feedback_log(limit=1000)}
     return [c for c in (store.get_conversation(i) for i in sorted(ids)) if c.user_id == user]
+
+
+def test_a_browser_without_a_login_deletes_only_the_chats_it_started(
+        store: FeedbackStore) -> None:
+    mine = store.create_conversation(client_key="browser-1")
+    signed_in = store.create_conversation(user_id="alice", client_key="browser-1")
+    store.add_user_message(conversation_id=mine.id, content="mine")
+    for conv, key in ((mine.id, "browser-2"), (signed_in.id, "browser-1")):
+        with pytest.raises(NotFound):  # another browser's, or a signed-in user's
+            store.delete_conversation(conv, by=key, client_key=key)
+    assert store.messages(mine.id)  # nothing was deleted
+    assert store.delete_conversation(mine.id, by="browser-1",
+                                     client_key="browser-1")["messages"] == 1
+    assert store.get_conversation(mine.id).deleted_at is not None

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from feedback_data import seed_preferences
-from live_server import live_server
+from live_server import live_server, wait_for
 from tiny_models import make_tiny_model
 
 from retrain import RetrainSettings, start_round
@@ -64,11 +64,6 @@ class Load:
             t.join(timeout=120)
 
 
-def wait_for(cond, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

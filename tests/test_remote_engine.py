@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 from engine_process import EngineProcess, engine_process
-from live_server import live_server
+from live_server import live_server, wait_for
 from tiny_models import make_tiny_adapter, make_tiny_model
 
 from chat_app.engine import (
@@ -33,11 +33,6 @@ GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 CHAT = [{"role": "user", "content": "Hello! How can I help you today?"}]
 
 
-def wait_for(cond, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from feedback_store import ConversationSummary, StoreError
+from feedback_store import ConversationSummary, NotFound, StoreError
 
 from .session import ChatSession, restore_thread
 from .view import PageUpdate, error, info
@@ -137,10 +137,13 @@ class ConversationListHandlers:
         if session.generating:
             return self.view(session, error("Wait for the reply to finish (or stop it) "
                                             "before deleting the chat."))
+        owner = self._owner(session)
         try:
-            if not self.store.owns_conversation(cid, **self._owner(session)):
-                return self.view(session, error(f"There is no chat {cid} of yours."))
-            self.store.delete_conversation(cid, by=session.user_id or session.client_key)
+            self.store.delete_conversation(cid, by=session.user_id or session.client_key,
+                                           owner=owner.get("user_id"),
+                                           client_key=owner.get("client_key"))
+        except NotFound:
+            return self.view(session, error(f"There is no chat {cid} of yours."))
         except StoreError as exc:
             return self.view(session, error(f"The chat was not deleted: {exc}"))
         session.start_over(self.settings.default_system_prompt)
