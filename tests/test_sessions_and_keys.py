@@ -4,6 +4,7 @@ conversations and replies only, whatever ids it sends."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -142,3 +143,79 @@ def test_a_users_api_key_reaches_only_that_users_conversations(server):
     r = ask(base, "service-key", user="carol")
     assert r.status_code == 200
     assert store.get_conversation(r.json()["conversation_id"]).user_id == "carol"
+
+
+class PageSession:
+    """One browser tab of the chat page, spoken to as the page does: Gradio's queue over
+    HTTP (join, then the event stream), with a sign-in cookie. Any event of the page can
+    be sent, the private ones too, with whatever data the sender likes."""
+
+    def __init__(self, base: str, user: str, password: str) -> None:
+        self.base = base
+        self.client = signed_in(base, user, password)
+        self.config = self.client.get("/config").json()
+        self.hash = f"{user}-{time.monotonic_ns()}"
+        self.fire("new-chat", "click")  # the tab's state, as the page's load makes it
+
+    def component(self, elem_id: str) -> int:
+        return next(c["id"] for c in self.config["components"]
+                    if c.get("props", {}).get("elem_id") == elem_id)
+
+    def fire(self, elem_id: str, event: str, *values: object) -> str:
+        """Send ``event`` of the component ``elem_id`` with ``values`` after the session
+        state; return everything the server answered (the outputs, as JSON text)."""
+        target = self.component(elem_id)
+        dep = next(d for d in self.config["dependencies"] if [target, event] in d["targets"])
+        data = [None, *values]
+        assert len(data) == len(dep["inputs"]), (elem_id, event, dep["inputs"])
+        joined = self.client.post("/gradio_api/queue/join", json={
+            "data": data, "fn_index": dep["id"], "trigger_id": target,
+            "session_hash": self.hash, "event_data": None})
+        assert joined.status_code == 200, joined.text
+        answers = []
+        with self.client.stream("GET", "/gradio_api/queue/data",
+                                params={"session_hash": self.hash}, timeout=120) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                answers.append(message)
+                if message.get("msg") == "process_completed":
+                    break
+        assert answers and answers[-1].get("msg") == "process_completed", answers[-1:]
+        self.ok = answers[-1].get("success", True)
+        return json.dumps(answers)
+
+
+def test_through_the_page_neither_user_reaches_the_others_chats(server):
+    store = server.services.store
+    bob = PageSession(server.url, "bob", "bob-pw")
+    bob.fire("send", "click", "Bob's secret plan", "")
+    bobs = [c for c in store.list_conversations(user_id="bob") if "secret" in c.title]
+    assert [c.title for c in bobs] == ["Bob's secret plan"]
+    bob_chat = bobs[0].id
+    before = store.messages(bob_chat)
+
+    alice = PageSession(server.url, "alice", "alice-pw")
+    # open bob's chat by its id (the list's own event, sent by hand): Gradio refuses an
+    # id that is not among the choices it gave this tab (alice's own chats)
+    alice.fire("chat-search", "change", "")
+    answer = alice.fire("chat-list", "input", bob_chat)
+    assert not alice.ok and "not in the list of choices" in answer
+    assert "secret plan" not in answer
+    # and act on whatever the tab has open now: nothing of bob's
+    alice.fire("chat-title", "submit", "Mine now")
+    alice.fire("confirm-delete-yes", "click")
+    listed = alice.fire("chat-search", "change", "secret")
+    assert "secret plan" not in listed
+    assert store.get_conversation(bob_chat).title is None  # not renamed
+    assert store.get_conversation(bob_chat).deleted_at is None  # not deleted
+    assert store.messages(bob_chat) == before
+    # "delete all my data" on alice's tab leaves bob's chat alone
+    alice.fire("confirm-forget-yes", "click")
+    assert store.messages(bob_chat) == before
+    # bob still has it, and can open it (signed in again: this server's idle time is 3 s)
+    bob = PageSession(server.url, "bob", "bob-pw")
+    assert "secret plan" in bob.fire("chat-search", "change", "")  # listed for him
+    assert "secret plan" in bob.fire("chat-list", "input", bob_chat)
+    assert bob.ok

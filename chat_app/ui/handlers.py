@@ -318,18 +318,19 @@ class ChatHandlers(ConversationListHandlers, SideBySideHandlers):
                                            "click the other thumb to change it."))
         word = "thumbs up" if rating == "up" else "thumbs down"
         why = f" ({tags[0]})" if tags else ""
-        if tags and session.votes.get(reply.id) == rating \
-                and session.vote_tags.get(reply.id) == tuple(tags):
-            # the same reason again (the Chatbot can send one pick twice): stored once
-            return self.view(session, info(
-                f"Saved your {word}{why} on reply {_number(session, position)}."))
-        try:
-            self.store.rate(reply_id=reply.id, rating=rating, user_id=session.user_id,
-                            tags=tags or None)
-        except StoreError as exc:
-            return self.view(session, error(f"Your vote was not saved: {exc}"))
-        session.votes[reply.id] = rating
-        session.vote_tags[reply.id] = tuple(tags)
+        with session.vote_lock:  # the check and the write as one, however fast the repeat
+            if tags and session.votes.get(reply.id) == rating \
+                    and session.vote_tags.get(reply.id) == tuple(tags):
+                # the same reason again (the Chatbot can send one pick twice): stored once
+                return self.view(session, info(
+                    f"Saved your {word}{why} on reply {_number(session, position)}."))
+            try:
+                self.store.rate(reply_id=reply.id, rating=rating, user_id=session.user_id,
+                                tags=tags or None)
+            except StoreError as exc:
+                return self.view(session, error(f"Your vote was not saved: {exc}"))
+            session.votes[reply.id] = rating
+            session.vote_tags[reply.id] = tuple(tags)
         return self.view(session, info(
             f"Saved your {word}{why} on reply {_number(session, position)}."))
 

@@ -56,6 +56,9 @@ class ChatSession:
     side_by_side: tuple[int, int] | None = None  # reply ids shown as A and B, awaiting a pick
     side_by_side_texts: tuple[str, str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # votes of one tab are stored one at a time (the Chatbot can send one pick twice at once)
+    vote_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                      compare=False)
 
     @property
     def started(self) -> bool:
