@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -115,17 +116,22 @@ def create_engine_app(engine: Any, *, served_model: str, defaults: SamplingParam
                  for v in engine.loaded_versions() if v != BASE_VERSION]
         return {"object": "list", "data": data}
 
+    loading = threading.Lock()
+
     @app.post("/v1/load_lora_adapter", response_model=None)
     def load(req: _LoadRequest) -> Any:
         if req.lora_name in (served_model, BASE_VERSION):
             return _error(400, f"{req.lora_name!r} names the base model", param="lora_name")
-        if req.lora_name in engine.loaded_versions():
-            return _error(400, f"The lora adapter '{req.lora_name}' has already been loaded.",
-                          param="lora_name")
-        try:
-            engine.load_adapter(req.lora_name, req.lora_path)
-        except AdapterError as exc:
-            return _error(400, str(exc), param="lora_path")
+        # one load at a time: a second front-end asking for a version being loaded waits,
+        # then hears it is loaded (and can use it at once), never "loaded" too early
+        with loading:
+            if req.lora_name in engine.loaded_versions():
+                return _error(400, f"The lora adapter '{req.lora_name}' has already been "
+                              "loaded.", param="lora_name")
+            try:
+                engine.load_adapter(req.lora_name, req.lora_path)
+            except AdapterError as exc:
+                return _error(400, str(exc), param="lora_path")
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", response_model=None)

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 from engine_process import EngineProcess, engine_process
-from live_server import live_server, wait_for
+from live_server import free_port, live_server, wait_for
 from tiny_models import make_tiny_adapter, make_tiny_model
 
 from chat_app.engine import (
@@ -205,3 +205,47 @@ def test_replies_in_flight_survive_a_swap_on_the_remote_engine(model, engine_ser
         reader.join(timeout=60)
         assert old.finish_reason in ("stop", "length") and old.version == "v0002"
         wait_for(lambda: "v0002" not in remote.loaded_versions())
+
+
+
+def test_a_version_being_loaded_is_never_answered_as_loaded_too_early(model):
+    """Two front-ends ask one engine server for the same new version at once (both
+    watchers see the swap). The second must not hear "already loaded" while the first
+    load is still under way, or its first reply on that version would get a 404."""
+    import uvicorn
+
+    from chat_app.engine_service import create_engine_app
+
+    with Engine.from_config(EngineConfig(model=str(model), device="cpu")) as engine:
+        real_load = engine._adapters.load
+
+        def slow_load(*args, **kwargs):  # a large adapter: the load takes a while
+            time.sleep(1.5)
+            return real_load(*args, **kwargs)
+
+        engine._adapters.load = slow_load
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(
+            create_engine_app(engine, served_model="tiny"), host="127.0.0.1", port=port,
+            log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: server.started, timeout=30)
+        body = {"lora_name": "v0201", "lora_path": str(model.parent / "adapters" / "v0001")}
+        first: dict = {}
+        loader = threading.Thread(target=lambda: first.setdefault(
+            "r", httpx.post(url + "/v1/load_lora_adapter", json=body, timeout=60)))
+        loader.start()
+        time.sleep(0.3)  # the first load is under way
+        second = httpx.post(url + "/v1/load_lora_adapter", json=body, timeout=60)
+        assert second.status_code == 400 and "already" in second.json()["error"]["message"]
+        # told "loaded", the second front-end asks for a reply on it at once
+        reply = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "v0201", "messages": CHAT, "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        loader.join(timeout=60)
+        assert first["r"].status_code == 200
+        server.should_exit = True
+        thread.join(timeout=30)
+
