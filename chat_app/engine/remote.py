@@ -12,8 +12,9 @@ dialect. Versions keep their names on the engine servers (``v0007``), so every f
 that shares an engine server and an adapters folder loads and asks for the same names.
 
 Several servers may be given: each reply goes to the next one that is up, in turn. A
-server that refuses connections or answers 5xx is taken out for ``retry_seconds``; when
-none is up, ``stream`` raises ``EngineUnavailable`` at once (the API answers 503). A
+server that refuses connections or answers 5xx is taken out for ``retry_seconds`` (tried
+again before then only when every server is out); when none answers, ``stream`` raises
+``EngineUnavailable`` (the API answers 503). A
 version is loaded on every server that is up; a server that comes back gets the loaded
 versions again before it serves.
 
@@ -263,11 +264,14 @@ class RemoteEngine:
             "try again shortly")
 
     def _candidates(self) -> list[_Server]:
-        """The servers that are up, starting with the next one in turn."""
+        """The servers that are up, starting with the next one in turn; when every one
+        is left out, all of them, the soonest due first: one failure of a lone server
+        must not turn away every request until its retry time (a dead server refuses
+        the connection at once, so the answer is still a quick 503)."""
         now = time.monotonic()
         up = [s for s in self._servers if s.up(now)]
         if not up:
-            return []
+            return sorted(self._servers, key=lambda s: s.down_until)
         start = next(self._turn) % len(up)
         return up[start:] + up[:start]
 
