@@ -122,18 +122,27 @@ def _select_split(rows: list[dict[str, Any]], flt: RowFilter,
 
 
 def build_kto_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
-                   with_ids: bool = False, with_tags: bool = False) -> list[dict[str, Any]]:
+                   with_ids: bool = False, with_tags: bool = False,
+                   edits_as_votes: bool = False) -> list[dict[str, Any]]:
     """Unpaired rows from thumbs. ``with_ids`` adds ``reply_id`` and ``conversation_id``;
     ``with_tags`` adds ``tags``: the reasons picked with the votes that count (sorted,
-    each once; ``[]`` when none was picked)."""
+    each once; ``[]`` when none was picked).
+
+    ``edits_as_votes``: an edit also counts as its author's down-vote on the reply they
+    corrected, unless they voted on it: a vote of theirs, earlier or later, counts instead. Someone
+    who rewrote a reply did not like it as it was; the training uses this so that a
+    round with edits and no thumbs still learns what to avoid, not only what to copy.
+    Exports keep thumbs only."""
     flt = flt or RowFilter()
     flt.validate()
 
     def work(s: Session) -> list[dict[str, Any]]:
-        events = _events(s, flt, ("up", "down"))
+        events = _events(s, flt, ("up", "down", "edit") if edits_as_votes else ("up", "down"))
         latest: dict[tuple[int, str], FeedbackEventRow] = {}
         for ev in events:  # ascending id: later votes replace earlier ones
-            latest[(ev.reply_id, ev.user_id or "")] = ev
+            key = (ev.reply_id, ev.user_id or "")
+            if ev.kind != "edit" or key not in latest:  # an edit never replaces a vote
+                latest[key] = ev
         tally: dict[int, int] = defaultdict(int)
         reasons: dict[int, set[str]] = defaultdict(set)
         for (reply_id, _), ev in latest.items():
@@ -200,6 +209,40 @@ def build_dpo_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
                            conversation_id=chosen.conversation_id)
             rows.append(row)
         return _select_split(rows, flt, ("chosen", "rejected"))
+
+    return store.db.run(work, write=False)
+
+
+def build_asked_prompts(store: FeedbackStore, *, split: str = "eval",
+                        eval_fraction: float = DEFAULT_EVAL_FRACTION,
+                        up_to_message_id: int | None = None,
+                        last_conversations: int = 5000) -> list[list[dict[str, str]]]:
+    """The distinct prompts (by :func:`prompt_key`) that the model answered, rated or not,
+    in ``split``: each one the thread before an assistant reply, as in the training rows.
+
+    A prompt of the ``eval`` split is never in a training row, so these are prompts a
+    candidate never saw, also where nobody rated the reply. The newest
+    ``last_conversations`` conversations are read; ``up_to_message_id`` leaves out
+    replies written after a round's snapshot."""
+    RowFilter(split=split, eval_fraction=eval_fraction).validate()
+
+    def work(s: Session) -> list[list[dict[str, str]]]:
+        ids = set(s.scalars(select(ConversationRow.id).order_by(ConversationRow.id.desc())
+                            .limit(last_conversations)))
+        threads = _Threads(s, ids)
+        found: dict[str, list[dict[str, str]]] = {}
+        for message_id in sorted(threads.messages):
+            reply = threads.messages[message_id]
+            if reply.role != "assistant" or (up_to_message_id is not None
+                                             and message_id > up_to_message_id):
+                continue
+            prompt = threads.prompt(reply)
+            if not any(m["role"] == "user" for m in prompt):
+                continue
+            if split != "all" and split_of(prompt, eval_fraction) != split:
+                continue
+            found.setdefault(prompt_key(prompt), prompt)
+        return list(found.values())
 
     return store.db.run(work, write=False)
 

@@ -21,7 +21,12 @@ from typing import Any
 from feedback_store.datasets import prompt_key
 from retrain import modeling
 from retrain.implicit import implicit_metrics
-from retrain.reward_model import ScorerAccuracy, last_user_text, train_reward_model
+from retrain.reward_model import (
+    ScorerAccuracy,
+    cross_validated_accuracy,
+    last_user_text,
+    train_reward_model,
+)
 from retrain.sampling import encode_prompt, kl_to_base, sample_replies, stop_token_ids
 
 FIXED_PROMPTS: list[list[dict]] = [
@@ -78,9 +83,11 @@ class GateConfig:
     """What :func:`gate_decision` asks for, and how :func:`evaluate_behaviour` samples.
 
     Evidence (below it the candidate is held, neither promoted nor rejected):
-    ``min_heldout_rows`` deduplicated held-out rows (thumbs + pairs) on at least
-    ``min_heldout_prompts`` distinct held-out prompts; the feedback-trained scorer's
-    held-out accuracy above ``min_scorer_accuracy`` (else the ratings do not predict
+    the feedback-trained scorer's accuracy checked on at least ``min_heldout_rows`` rows
+    (the deduplicated held-out rows, or with fewer of them all the rows cross-validated
+    in folds by prompt) and at least ``min_heldout_prompts`` distinct held-out prompts
+    to compare replies on (of held-out rows, or answered there and never rated); that
+    accuracy above ``min_scorer_accuracy`` (else the ratings do not predict
     themselves); at least ``min_changed_share`` of the candidate's sampled replies on
     held-out prompts different from the active's drawn with the same seed (else the
     candidate is a near no-op: the few replies that did change can make a paired
@@ -146,7 +153,8 @@ class BehaviourReport:
     """What :func:`evaluate_behaviour` saw, candidate against the active version.
 
     Rows and prompts: ``n_heldout_thumbs`` / ``n_heldout_pairs`` held-out rows,
-    ``n_heldout_prompts`` distinct held-out prompts of which ``n_prompts`` were sampled
+    ``n_heldout_prompts`` distinct held-out prompts (of those rows, and answered but never
+    rated) of which ``n_prompts`` were sampled
     (``samples_per_prompt`` replies each, plus ``n_fixed`` fixed generic prompts used
     for KL and degeneration only). ``scorer``: the feedback-trained scorer's held-out
     accuracy. Scores are mean ``P(thumbs up)`` by that scorer; ``score_diff`` the mean
@@ -192,6 +200,7 @@ class BehaviourReport:
             "scorer_accuracy": self.scorer.accuracy,
             "scorer_thumb_accuracy": self.scorer.thumb_accuracy,
             "scorer_pair_accuracy": self.scorer.pair_accuracy,
+            "scorer_rows": self.scorer.n_rows,
             "score": self.candidate_score, "active/score": self.active_score,
             "score_diff": self.score_diff, "score_lower_bound": self.score_lower_bound,
             "changed_share": self.changed_share,
@@ -211,13 +220,14 @@ class BehaviourReport:
         return out
 
 
-def _heldout_prompts(kto: Sequence[dict], dpo: Sequence[dict], cap: int) -> tuple[list[list[dict]],
-                                                                                 int]:
-    """Distinct held-out prompts (by :func:`prompt_key`), at most ``cap`` of them chosen
-    by a hash of the key (not by age), and how many distinct ones there were."""
+def _heldout_prompts(kto: Sequence[dict], dpo: Sequence[dict], cap: int,
+                     asked: Sequence[list[dict]] = ()) -> tuple[list[list[dict]], int]:
+    """Distinct held-out prompts (by :func:`prompt_key`): those of the held-out rows and
+    the ``asked`` ones (held-out prompts answered but not rated); at most ``cap`` of them
+    chosen by a hash of the key (not by age), and how many distinct ones there were."""
     first: dict[str, list[dict]] = {}
-    for row in [*kto, *dpo]:
-        first.setdefault(prompt_key(row["prompt"]), row["prompt"])
+    for prompt in [*(row["prompt"] for row in [*kto, *dpo]), *asked]:
+        first.setdefault(prompt_key(prompt), prompt)
     order = sorted(first, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
     return [first[k] for k in order[:cap]], len(first)
 
@@ -231,6 +241,7 @@ def evaluate_behaviour(
     train_dpo: list[dict],
     heldout_kto: list[dict],
     heldout_dpo: list[dict],
+    asked_prompts: Sequence[list[dict]] = (),
     config: GateConfig = GateConfig(),
     fixed_prompts: list[list[dict]] = FIXED_PROMPTS,
     beta: float = 0.1,
@@ -246,11 +257,14 @@ def evaluate_behaviour(
 
     1. A reward model is trained on ``train_kto`` / ``train_dpo``
        (:func:`retrain.reward_model.train_reward_model`) and its accuracy measured on
-       ``heldout_kto`` / ``heldout_dpo``.
+       ``heldout_kto`` / ``heldout_dpo``; with fewer than ``config.min_heldout_rows``
+       held-out rows, by cross-validation over all the rows instead, in folds by prompt
+       (:func:`retrain.reward_model.cross_validated_accuracy`).
     2. The model loads as served (4-bit NF4 on CUDA unless ``quantize_4bit`` says
        otherwise; prompts cut to ``max_input_tokens`` by dropping the oldest turns),
-       with both adapters side by side. Each distinct held-out prompt (at most
-       ``config.max_prompts``) and each fixed prompt gets ``config.samples_per_prompt``
+       with both adapters side by side. Each distinct held-out prompt, of the held-out
+       rows or ``asked_prompts`` (held-out prompts answered but never rated; at most
+       ``config.max_prompts`` in all), and each fixed prompt gets ``config.samples_per_prompt``
        sampled replies from each version, with the same seed per prompt for both.
     3. Held-out replies are scored; per prompt ``d_i = mean candidate score - mean
        active score``; ``score_diff = mean(d)``, ``score_lower_bound = mean(d) - z *
@@ -266,8 +280,13 @@ def evaluate_behaviour(
     thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
     pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
     reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
-    scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
-    prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts)
+    if len(heldout_kto) + len(heldout_dpo) >= config.min_heldout_rows:
+        scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
+    else:
+        scorer_acc = cross_validated_accuracy([*train_kto, *heldout_kto],
+                                              [*train_dpo, *heldout_dpo], seed=config.seed)
+    prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts,
+                                           asked_prompts)
 
     model = modeling.load_eval_model(base_model, adapter_path=candidate_path,
                                      device=torch_device, quantize_4bit=quantize)
@@ -406,17 +425,19 @@ def gate_decision(
         return "reject", rejects
 
     holds = []
-    if r.n_heldout_rows < config.min_heldout_rows or r.n_heldout_prompts < config.min_heldout_prompts:
-        holds.append(
-            f"hold: not enough evidence: {r.n_heldout_rows} held-out rows "
-            f"({r.n_heldout_thumbs} thumbs, {r.n_heldout_pairs} pairs) on {r.n_heldout_prompts} "
-            f"distinct prompts; the gate needs at least {config.min_heldout_rows} rows on "
-            f"{config.min_heldout_prompts} prompts")
     acc = r.scorer.accuracy
-    if acc is None or acc <= config.min_scorer_accuracy:
-        seen = "no held-out rows" if acc is None else (
-            f"{acc:.0%} of {r.scorer.n_rows} held-out rows right "
-            f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)})")
+    measured_on = (f"{r.scorer.n_rows} held-out rows" if r.scorer.method == "held-out" else
+                   f"{r.scorer.n_rows} rows cross-validated by prompt (only {r.n_heldout_rows} "
+                   f"held-out)")
+    if r.scorer.n_rows < config.min_heldout_rows or r.n_heldout_prompts < config.min_heldout_prompts:
+        holds.append(
+            f"hold: not enough evidence: the scorer was checked on {measured_on} "
+            f"({r.scorer.n_thumbs} thumbs, {r.scorer.n_pairs} pairs) and there are "
+            f"{r.n_heldout_prompts} distinct held-out prompts; the gate needs at least "
+            f"{config.min_heldout_rows} rows and {config.min_heldout_prompts} prompts")
+    elif acc is None or acc <= config.min_scorer_accuracy:
+        seen = (f"{acc:.0%} of {measured_on} right "
+                f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)})")
         holds.append(
             f"hold: the feedback does not predict itself on held-out prompts: a scorer trained "
             f"on {r.n_train_rows} training rows got {seen}, needs more than "
@@ -443,5 +464,4 @@ def gate_decision(
     return "promote", [
         f"promote: {comparison} > 0) on {samples}; KL {r.kl:.3f} ≤ {config.kl_limit:.2f} "
         f"nats/token; degenerate {r.degenerate_share:.0%} ({active} "
-        f"{r.active_degenerate_share:.0%}); scorer accuracy {acc:.0%} on {r.scorer.n_rows} "
-        f"held-out rows"]
+        f"{r.active_degenerate_share:.0%}); scorer accuracy {acc:.0%} on {measured_on}"]

@@ -32,10 +32,12 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from feedback_store.datasets import prompt_key
 
 DIMENSIONS = 2**16
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -81,22 +83,56 @@ def _reply_text(messages: list[dict]) -> str:
     return " ".join(m.get("content", "") for m in messages)
 
 
+@dataclass
+class Outcomes:
+    """The scorer's prediction on each evaluated row: thumbs as (label, right), pairs as
+    wins (1.0, 0.5 on a tie, 0.0)."""
+
+    thumbs: list[tuple[bool, bool]] = field(default_factory=list)
+    pairs: list[float] = field(default_factory=list)
+
+    def extend(self, other: Outcomes) -> None:
+        self.thumbs.extend(other.thumbs)
+        self.pairs.extend(other.pairs)
+
+
 @dataclass(frozen=True)
 class ScorerAccuracy:
-    """How well the scorer predicts held-out feedback (see the module doc for the rules).
+    """How well the scorer predicts feedback it was not trained on (see the module doc for
+    the rules).
 
-    ``thumb_accuracy`` is None without held-out thumbs, ``pair_accuracy`` without
-    held-out pairs, ``accuracy`` without either."""
+    ``thumb_accuracy`` is None without thumbs, ``pair_accuracy`` without pairs,
+    ``accuracy`` without either. ``method``: ``"held-out"`` (the held-out split) or
+    ``"cross-validated"`` (each row predicted by a scorer trained on the other folds,
+    folds by prompt, see :func:`cross_validated_accuracy`)."""
 
     accuracy: float | None
     thumb_accuracy: float | None
     pair_accuracy: float | None
     n_thumbs: int
     n_pairs: int
+    method: str = "held-out"
 
     @property
     def n_rows(self) -> int:
         return self.n_thumbs + self.n_pairs
+
+    @classmethod
+    def of(cls, outcomes: Outcomes, method: str = "held-out") -> ScorerAccuracy:
+        thumb_acc = None
+        if outcomes.thumbs:
+            recalls = []
+            for label in (True, False):
+                hits = [right for lab, right in outcomes.thumbs if lab is label]
+                if hits:
+                    recalls.append(sum(hits) / len(hits))
+            thumb_acc = sum(recalls) / len(recalls)
+        pair_acc = sum(outcomes.pairs) / len(outcomes.pairs) if outcomes.pairs else None
+        n_t, n_p = len(outcomes.thumbs), len(outcomes.pairs)
+        overall = None
+        if n_t or n_p:
+            overall = ((thumb_acc or 0.0) * n_t + (pair_acc or 0.0) * n_p) / (n_t + n_p)
+        return cls(overall, thumb_acc, pair_acc, n_t, n_p, method)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,30 +159,25 @@ class RewardModel:
 
     def accuracy(self, kto_rows: Sequence[dict], dpo_rows: Sequence[dict]) -> ScorerAccuracy:
         """Held-out accuracy on TRL rows (thumbs: balanced; pairs: ranking)."""
-        thumb_acc = None
+        return ScorerAccuracy.of(self.outcomes(kto_rows, dpo_rows))
+
+    def outcomes(self, kto_rows: Sequence[dict], dpo_rows: Sequence[dict]) -> Outcomes:
+        """Per row: each thumb's (label, predicted right) and each pair's win (1, or
+        one half on a tie)."""
+        thumbs: list[tuple[bool, bool]] = []
         if kto_rows:
             logits = self._logits([(last_user_text(r["prompt"]), _reply_text(r["completion"]))
                                    for r in kto_rows])
-            recalls = []
-            for label in (True, False):
-                hits = [(z > 0) == label for z, r in zip(logits.tolist(), kto_rows, strict=True)
-                        if r["label"] is label]
-                if hits:
-                    recalls.append(sum(hits) / len(hits))
-            thumb_acc = sum(recalls) / len(recalls)
-        pair_acc = None
+            thumbs = [(bool(r["label"]), (z > 0) == bool(r["label"]))
+                      for z, r in zip(logits.tolist(), kto_rows, strict=True)]
+        wins: list[float] = []
         if dpo_rows:
             chosen = self._logits([(last_user_text(r["prompt"]), _reply_text(r["chosen"]))
                                    for r in dpo_rows])
             rejected = self._logits([(last_user_text(r["prompt"]), _reply_text(r["rejected"]))
                                      for r in dpo_rows])
             wins = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).tolist()
-            pair_acc = sum(wins) / len(wins)
-        n_t, n_p = len(kto_rows), len(dpo_rows)
-        overall = None
-        if n_t or n_p:
-            overall = ((thumb_acc or 0.0) * n_t + (pair_acc or 0.0) * n_p) / (n_t + n_p)
-        return ScorerAccuracy(overall, thumb_acc, pair_acc, n_t, n_p)
+        return Outcomes(thumbs, wins)
 
 
 class _EmbeddedRows:
@@ -212,3 +243,29 @@ def train_reward_model(
         loss.backward()
         optimiser.step()
     return RewardModel(weight.detach(), float(bias.detach()))
+
+
+def _fold_of(row: dict, folds: int) -> int:
+    key = prompt_key(row["prompt"])
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % folds
+
+
+def cross_validated_accuracy(kto_rows: Sequence[dict], dpo_rows: Sequence[dict], *,
+                             folds: int = 5, seed: int = 0) -> ScorerAccuracy:
+    """The scorer's accuracy on every row, each predicted by a scorer trained on the
+    other ``folds - 1`` folds. Rows are put in folds by a hash of their prompt key
+    (:func:`feedback_store.datasets.prompt_key`), so no fold is predicted by a scorer that
+    saw its prompts: the estimate is held out by prompt, as the held-out split is, but
+    uses all the rows. That matters when a round has few rows, e.g. edits only."""
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    outcomes = Outcomes()
+    for k in range(folds):
+        test_kto = [r for r in kto_rows if _fold_of(r, folds) == k]
+        test_dpo = [r for r in dpo_rows if _fold_of(r, folds) == k]
+        if not test_kto and not test_dpo:
+            continue
+        model = train_reward_model([r for r in kto_rows if _fold_of(r, folds) != k],
+                                   [r for r in dpo_rows if _fold_of(r, folds) != k], seed=seed)
+        outcomes.extend(model.outcomes(test_kto, test_dpo))
+    return ScorerAccuracy.of(outcomes, method="cross-validated")

@@ -31,7 +31,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from feedback_store import FeedbackStore, Registry, RowFilter, build_dpo_rows, build_kto_rows
+from feedback_store import (
+    FeedbackStore,
+    Registry,
+    RowFilter,
+    build_asked_prompts,
+    build_dpo_rows,
+    build_kto_rows,
+)
 
 from .config import RetrainSettings
 from .publish import data_hash, publish, temp_dir
@@ -109,13 +116,17 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
         canary_cfg = settings.canary_config()
         last_event = store.last_event_id() or 0
         snap = {"up_to_event_id": last_event, "eval_fraction": settings.eval_fraction}
-        kto = build_kto_rows(store, RowFilter(split="train", **snap))
+        # an edit is also its author's thumbs-down on the reply they corrected
+        kto = build_kto_rows(store, RowFilter(split="train", **snap), edits_as_votes=True)
         dpo = build_dpo_rows(store, RowFilter(split="train", **snap))
-        heldout_kto = build_kto_rows(store, RowFilter(split="eval", **snap))
+        heldout_kto = build_kto_rows(store, RowFilter(split="eval", **snap), edits_as_votes=True)
         heldout_dpo = build_dpo_rows(store, RowFilter(split="eval", **snap))
+        # held-out prompts answered but never rated: the candidate never saw them either
+        asked = build_asked_prompts(store, split="eval", eval_fraction=settings.eval_fraction)
         reg.update_run(run_id, kto_rows=len(kto), dpo_rows=len(dpo), last_event_id=last_event,
                        metrics={"heldout_kto_rows": len(heldout_kto),
-                                "heldout_dpo_rows": len(heldout_dpo)})
+                                "heldout_dpo_rows": len(heldout_dpo),
+                                "heldout_prompts_asked": len(asked)})
         if not kto and not dpo:
             reg.update_run(run_id, status="failed",
                            error="no training rows yet: rate or edit some replies first")
@@ -134,8 +145,8 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             reg.update_run(run_id, progress=rec, history=[rec])
 
         t0 = time.perf_counter()
-        probes = probe_prompts(heldout_kto + heldout_dpo, train_cfg.kl_probe_prompts,
-                               train_cfg.seed)
+        probes = probe_prompts([*heldout_kto, *heldout_dpo, *({"prompt": p} for p in asked)],
+                               train_cfg.kl_probe_prompts, train_cfg.seed)
         if train_cfg.processes > 1:
             from .distributed import train_data_parallel
 
@@ -159,7 +170,7 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             active_path=Path(parent.path) if parent else None,
             active_label=parent.version if parent else "base",
             train_kto=kto, train_dpo=dpo, heldout_kto=heldout_kto, heldout_dpo=heldout_dpo,
-            config=gate_cfg, beta=train_cfg.beta, device=settings.device,
+            asked_prompts=asked, config=gate_cfg, beta=train_cfg.beta, device=settings.device,
             quantize_4bit=settings.quantize_4bit, max_length=train_cfg.max_length)
         decision, reasons = gate_decision(report, gate_cfg)
 

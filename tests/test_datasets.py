@@ -15,6 +15,7 @@ from feedback_store import (
     FeedbackStore,
     InvalidInput,
     RowFilter,
+    build_asked_prompts,
     build_dpo_rows,
     build_kto_rows,
     split_of,
@@ -288,6 +289,70 @@ def test_identical_held_out_rows_are_counted_once(store: FeedbackStore) -> None:
     assert len(train_kto) == 4
     assert len(rows(build_dpo_rows, "eval")) == 1 and len(rows(build_dpo_rows, "train")) == 3
     assert len(build_kto_rows(store)) == 8
+
+
+def test_an_edit_counts_as_its_authors_down_vote_for_training_only(
+    store: FeedbackStore,
+) -> None:
+    edited = one_reply(store, "Q1", "Too long a reply.")
+    store.edit_reply(reply_id=edited, content="Short.", user_id="ann")
+    # ann edits, then says she likes the original after all: her later vote wins
+    changed_mind = one_reply(store, "Q2", "A fine reply.")
+    store.edit_reply(reply_id=changed_mind, content="Fine.", user_id="ann")
+    store.rate(reply_id=changed_mind, rating="up", user_id="ann")
+    # bob likes a reply that ann edited: one vote each way is a tie, left out
+    tie = one_reply(store, "Q3", "Some reply.")
+    store.rate(reply_id=tie, rating="up", user_id="bob")
+    store.edit_reply(reply_id=tie, content="Other reply.", user_id="ann")
+    # a down-vote and an edit by the same user are one vote, not two
+    both = one_reply(store, "Q4", "Bad reply.")
+    store.rate(reply_id=both, rating="down", user_id="cat", tags=["rude"])
+    store.edit_reply(reply_id=both, content="Good reply.", user_id="cat")
+
+    rows = build_kto_rows(store, edits_as_votes=True, with_ids=True, with_tags=True)
+    assert [(r["reply_id"], r["label"], r["tags"]) for r in rows] == [
+        (edited, False, []), (changed_mind, True, []), (both, False, ["rude"])]
+    assert rows[0]["completion"] == [msg("assistant", "Too long a reply.")]
+    # exports and the default keep thumbs only
+    assert [(r["reply_id"], r["label"]) for r in build_kto_rows(store, with_ids=True)] == [
+        (changed_mind, True), (tie, True), (both, False)]
+    assert len(build_dpo_rows(store)) == 4
+
+
+def test_asked_prompts_are_the_held_out_prompts_answered_rated_or_not(
+    store: FeedbackStore,
+) -> None:
+    fraction = 0.5
+    asked = []
+    for i in range(30):
+        conv = store.create_conversation(system_prompt=SYSTEM if i % 2 else None)
+        u = store.add_user_message(conversation_id=conv.id, content=f"Question {i}?")
+        r = store.add_reply(parent_id=u.id, content=f"answer {i}")
+        if i % 3 == 0:
+            store.rate(reply_id=r.id, rating="up")
+        # the same question asked again, in other case: one prompt
+        conv2 = store.create_conversation()
+        u2 = store.add_user_message(conversation_id=conv2.id, content=f"QUESTION {i}")
+        store.add_reply(parent_id=u2.id, content=f"another answer {i}")
+        asked.append(f"question {i}")
+    # a user message without a reply is not a prompt the model answered
+    conv = store.create_conversation()
+    store.add_user_message(conversation_id=conv.id, content="Question 99?")
+
+    held = build_asked_prompts(store, split="eval", eval_fraction=fraction)
+    keys = [prompt_key(p) for p in held]
+    assert sorted(keys) == sorted(q for q in asked if split_of(q, fraction) == "eval")
+    assert len(keys) == len(set(keys)) and 0 < len(keys) < 30
+    # no held-out prompt is a prompt of a training row
+    train_keys = {prompt_key(r["prompt"]) for r in build_kto_rows(
+        store, RowFilter(split="train", eval_fraction=fraction))}
+    assert train_keys and not train_keys & set(keys)
+    # prompts are rebuilt like the training rows' (system prompt first)
+    with_system = [p for p in held if p[0]["role"] == "system"]
+    assert all(p[0]["content"] == SYSTEM and p[-1]["role"] == "user" for p in with_system)
+    assert len(build_asked_prompts(store, split="all")) == 30
+    with pytest.raises(InvalidInput):
+        build_asked_prompts(store, split="test")
 
 
 @pytest.mark.parametrize("flt", [

@@ -26,7 +26,7 @@ from retrain.evaluate import (
 )
 from retrain.implicit import implicit_report
 from retrain.modeling import InvalidRowError
-from retrain.reward_model import ScorerAccuracy, train_reward_model
+from retrain.reward_model import ScorerAccuracy, cross_validated_accuracy, train_reward_model
 
 torch.set_num_threads(1)
 
@@ -225,6 +225,27 @@ def test_reward_model_on_random_labels_is_near_chance():
     assert 0.3 < acc.accuracy < 0.6
 
 
+def test_cross_validated_accuracy_holds_out_by_prompt_and_tells_rule_from_noise():
+    rng = random.Random(3)
+    kto, dpo = _rule_rows(TOPICS[:30], rng)
+    cv = cross_validated_accuracy(kto, dpo)
+    assert cv.method == "cross-validated" and (cv.n_thumbs, cv.n_pairs) == (60, 30)
+    assert cv.accuracy > 0.9
+    noise = cross_validated_accuracy(*_rule_rows(TOPICS[:30], rng, random_labels=True))
+    assert noise.accuracy < 0.7
+    # a prompt asked twice is in one fold only: a scorer that only memorised replies per
+    # prompt (here the labels follow the prompt, not the reply) gets nothing right
+    twice = []
+    for topic in TOPICS[:20]:
+        prompt = [{"role": "user", "content": f"Tell me about {topic}?"}]
+        label = rng.random() < 0.5
+        twice += [{"prompt": prompt, "label": label,
+                   "completion": [{"role": "assistant", "content": f"same {topic}"}]}] * 2
+    assert cross_validated_accuracy(twice, []).accuracy < 0.75
+    with pytest.raises(ValueError):
+        cross_validated_accuracy(kto, dpo, folds=1)
+
+
 def test_thumb_accuracy_is_balanced_so_a_label_prior_earns_nothing():
     rng = random.Random(2)
     train_kto, _ = _rule_rows(TOPICS[:60], rng)
@@ -364,10 +385,33 @@ def test_gate_holds_a_near_no_op_whose_few_changed_replies_look_significant():
 
 def test_gate_holds_without_enough_held_out_evidence_and_gives_the_counts():
     decision, reasons = gate_decision(_report(n_heldout_thumbs=4, n_heldout_pairs=2,
-                                              n_heldout_prompts=3))
+                                              n_heldout_prompts=3,
+                                              scorer=ScorerAccuracy(0.8, 0.75, 1.0, 4, 2)))
     assert decision == "hold"
-    assert reasons[0] == ("hold: not enough evidence: 6 held-out rows (4 thumbs, 2 pairs) on "
-                          "3 distinct prompts; the gate needs at least 20 rows on 8 prompts")
+    assert reasons == [
+        "hold: not enough evidence: the scorer was checked on 6 held-out rows (4 thumbs, "
+        "2 pairs) and there are 3 distinct held-out prompts; the gate needs at least 20 rows "
+        "and 8 prompts"]
+
+
+def test_few_held_out_rows_count_as_evidence_when_the_scorer_is_cross_validated():
+    """An edits-only round: 5 held-out pairs, but 40 rows cross-validated by prompt and
+    held-out prompts answered without ratings to compare on."""
+    cv = ScorerAccuracy(0.85, None, 0.85, 0, 40, method="cross-validated")
+    decision, reasons = gate_decision(_report(n_heldout_thumbs=0, n_heldout_pairs=5,
+                                              n_heldout_prompts=20, scorer=cv))
+    assert decision == "promote"
+    assert reasons[0].endswith(
+        "scorer accuracy 85% on 40 rows cross-validated by prompt (only 5 held-out)")
+    # the same scorer, but too few prompts to compare replies on
+    decision, reasons = gate_decision(_report(n_heldout_thumbs=0, n_heldout_pairs=5,
+                                              n_heldout_prompts=5, scorer=cv))
+    assert decision == "hold" and reasons[0].startswith("hold: not enough evidence")
+    # cross-validation over too few rows is not evidence either
+    few = ScorerAccuracy(0.9, None, 0.9, 0, 12, method="cross-validated")
+    decision, reasons = gate_decision(_report(n_heldout_pairs=3, n_heldout_thumbs=0,
+                                              scorer=few))
+    assert decision == "hold" and "checked on 12 rows cross-validated" in reasons[0]
 
 
 def test_gate_holds_when_the_scorer_does_not_predict_held_out_feedback():

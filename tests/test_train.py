@@ -270,6 +270,7 @@ def test_edge_rounds_run_and_stay_finite(tiny: Path, tmp_path: Path, kind: str):
         kto_steps=5,
         dpo_steps=5,
         epochs=3.0,
+        min_steps=0,
         dpo_loss_type="ipo" if kind == "ipo" else "sigmoid",
     )
     out = tmp_path / kind
@@ -335,12 +336,20 @@ def test_same_seed_gives_the_same_adapter(tiny: Path, tmp_path: Path):
     assert not all(torch.equal(first[n], other[n]) for n in first)
 
 
-def test_phase_steps_stop_after_the_configured_epochs():
-    config = TrainConfig(batch_size=4, epochs=3.0)
+def test_phase_steps_stop_after_the_configured_epochs_but_not_before_min_steps():
+    config = TrainConfig(batch_size=4, epochs=3.0, min_steps=0)
     assert phase_steps(2, config, 50) == 3  # one batch per epoch
     assert phase_steps(10, config, 50) == 9  # three batches per epoch
     assert phase_steps(1000, config, 50) == 50  # the step bound wins
     assert phase_steps(0, config, 50) == 0
+    floor = TrainConfig(batch_size=4, epochs=3.0, min_steps=20)
+    assert phase_steps(2, floor, 50) == 20  # few rows: the floor
+    assert phase_steps(40, floor, 50) == 30  # enough rows: the epochs
+    assert phase_steps(2, floor, 12) == 12  # the step bound still wins
+    assert phase_steps(0, floor, 50) == 0  # no rows, no phase
+    assert TrainConfig().min_steps == 60
+    with pytest.raises(ValueError, match="min_steps"):
+        TrainConfig(min_steps=-1).validate()
 
 
 def test_batches_never_repeat_a_row_and_every_epoch_is_a_permutation():
