@@ -215,15 +215,13 @@ def build_dpo_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
 
 def build_asked_prompts(store: FeedbackStore, *, split: str = "eval",
                         eval_fraction: float = DEFAULT_EVAL_FRACTION,
-                        up_to_message_id: int | None = None,
                         last_conversations: int = 5000) -> list[list[dict[str, str]]]:
     """The distinct prompts (by :func:`prompt_key`) that the model answered, rated or not,
     in ``split``: each one the thread before an assistant reply, as in the training rows.
 
     A prompt of the ``eval`` split is never in a training row, so these are prompts a
     candidate never saw, also where nobody rated the reply. The newest
-    ``last_conversations`` conversations are read; ``up_to_message_id`` leaves out
-    replies written after a round's snapshot."""
+    ``last_conversations`` conversations are read."""
     RowFilter(split=split, eval_fraction=eval_fraction).validate()
 
     def work(s: Session) -> list[list[dict[str, str]]]:
@@ -231,10 +229,8 @@ def build_asked_prompts(store: FeedbackStore, *, split: str = "eval",
                             .limit(last_conversations)))
         threads = _Threads(s, ids)
         found: dict[str, list[dict[str, str]]] = {}
-        for message_id in sorted(threads.messages):
-            reply = threads.messages[message_id]
-            if reply.role != "assistant" or (up_to_message_id is not None
-                                             and message_id > up_to_message_id):
+        for _, reply in sorted(threads.messages.items()):
+            if reply.role != "assistant":
                 continue
             prompt = threads.prompt(reply)
             if not any(m["role"] == "user" for m in prompt):

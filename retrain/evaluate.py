@@ -436,8 +436,9 @@ def gate_decision(
             f"{r.n_heldout_prompts} distinct held-out prompts; the gate needs at least "
             f"{config.min_heldout_rows} rows and {config.min_heldout_prompts} prompts")
     elif acc is None or acc <= config.min_scorer_accuracy:
-        seen = (f"{acc:.0%} of {measured_on} right "
-                f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)})")
+        seen = "no rows to check it on" if acc is None else (
+            f"{acc:.0%} of {measured_on} right "
+            f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)})")
         holds.append(
             f"hold: the feedback does not predict itself on held-out prompts: a scorer trained "
             f"on {r.n_train_rows} training rows got {seen}, needs more than "

@@ -259,13 +259,16 @@ def cross_validated_accuracy(kto_rows: Sequence[dict], dpo_rows: Sequence[dict],
     uses all the rows. That matters when a round has few rows, e.g. edits only."""
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
+    kto_folds = [_fold_of(r, folds) for r in kto_rows]
+    dpo_folds = [_fold_of(r, folds) for r in dpo_rows]
     outcomes = Outcomes()
     for k in range(folds):
-        test_kto = [r for r in kto_rows if _fold_of(r, folds) == k]
-        test_dpo = [r for r in dpo_rows if _fold_of(r, folds) == k]
-        if not test_kto and not test_dpo:
+        if k not in kto_folds and k not in dpo_folds:
             continue
-        model = train_reward_model([r for r in kto_rows if _fold_of(r, folds) != k],
-                                   [r for r in dpo_rows if _fold_of(r, folds) != k], seed=seed)
-        outcomes.extend(model.outcomes(test_kto, test_dpo))
+        model = train_reward_model(
+            [r for r, f in zip(kto_rows, kto_folds, strict=True) if f != k],
+            [r for r, f in zip(dpo_rows, dpo_folds, strict=True) if f != k], seed=seed)
+        outcomes.extend(model.outcomes(
+            [r for r, f in zip(kto_rows, kto_folds, strict=True) if f == k],
+            [r for r, f in zip(dpo_rows, dpo_folds, strict=True) if f == k]))
     return ScorerAccuracy.of(outcomes, method="cross-validated")

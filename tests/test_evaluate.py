@@ -419,6 +419,10 @@ def test_gate_holds_when_the_scorer_does_not_predict_held_out_feedback():
     assert decision == "hold" and len(reasons) == 1
     assert "does not predict itself" in reasons[0] and "55% of 42 held-out rows" in reasons[0]
     assert gate_decision(_report(scorer=ScorerAccuracy(None, None, None, 0, 0)))[0] == "hold"
+    # with no minimum of rows, a scorer checked on none still holds, and says so
+    decision, reasons = gate_decision(_report(scorer=ScorerAccuracy(None, None, None, 0, 0)),
+                                      GateConfig(min_heldout_rows=0))
+    assert decision == "hold" and "got no rows to check it on" in reasons[0]
 
 
 def test_gate_rejects_collapse_whatever_the_evidence_and_lists_every_reason():
