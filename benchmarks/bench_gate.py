@@ -12,7 +12,8 @@ Candidates, each a fresh adapter trained in-process from the same rows:
 * ``second-seed``: the same with another seed (and another draw of the users' noise);
 * ``no-op``: a learning rate of 1e-8 (the adapter exists but changes nothing);
 * ``collapsed``: learning rate 5e-3, beta 0.1, no NLL term, no KL budget;
-* ``random``: the default recipe on random ratings.
+* ``random``: the default recipe on random ratings: random thumbs, and edits into another
+  reply the model gave to the same prompt (as the alignment benchmark's control users).
 
 Truth: the judge's mean score of 4 sampled replies to each held-out prompt (questions no
 user rated), against the base's on the same prompts; "better" means a rise of at least
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     asked = [sets.pick_train(rng) for _ in range(args.ratings // 2)]
     replies = sim.sample_replies(base, tokenizer, asked, 2, seed=11)
+    random_edit = sim.edit_into_another_reply(asked, replies)
     work = Path(tempfile.mkdtemp(prefix="bench-gate-"))
     rows, results = [], []
     try:
@@ -117,8 +119,10 @@ def run(args: argparse.Namespace) -> dict:
             base_mean = sum(base_scores) / len(base_scores)
             for cand, overrides in CANDIDATES.items():
                 t0 = time.perf_counter()
-                fb = sim.rate(asked, replies, judge.score, improve=judge.improve,
-                              random_labels=cand == "random", flip=args.flip,
+                random_labels = cand == "random"
+                fb = sim.rate(asked, replies, judge.score,
+                              improve=random_edit if random_labels else judge.improve,
+                              random_labels=random_labels, flip=args.flip,
                               seed=1 if cand == "second-seed" else 0)
                 train, held = _split(fb, args.eval_fraction)
                 out = work / f"{name}-{cand}"

@@ -71,13 +71,7 @@ def rounds(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     result = {"base": _measure(base, tokenizer, heldout), "heldout": heldout, "out": out}
     # random users "edit" a reply into another reply the model gave to the same prompt,
     # as the benchmark's control does: an edit that follows no rule
-    pool: dict[str, list[str]] = {}
-    for prompt, group in zip(asked, replies, strict=True):
-        pool.setdefault(prompt, []).extend(group)
-
-    def random_edit(prompt: str, reply: str) -> str:
-        return next((other for other in pool[prompt] if other != reply), reply)
-
+    random_edit = fs.edit_into_another_reply(asked, replies)
     for name, random_labels in (("rule", False), ("random", True)):
         feedback = fs.rate(asked, replies, calm, random_labels=random_labels,
                            improve=random_edit if random_labels else calm_edit)

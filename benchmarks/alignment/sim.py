@@ -98,6 +98,21 @@ def rate(prompts: Sequence[str], replies: Sequence[Sequence[str]], rule: Rule, *
     return Feedback(kto, dpo)
 
 
+def edit_into_another_reply(prompts: Sequence[str], replies: Sequence[Sequence[str]]
+                            ) -> Callable[[str, str], str]:
+    """An ``improve`` for users who follow no rule: a reply is "edited" into another reply
+    the model gave to the same prompt (as the alignment benchmark's control users do), so
+    the pairs carry no direction a judge would reward."""
+    pool: dict[str, list[str]] = {}
+    for prompt, group in zip(prompts, replies, strict=True):
+        pool.setdefault(prompt, []).extend(group)
+
+    def edit(prompt: str, reply: str) -> str:
+        return next((other for other in pool.get(prompt, ()) if other != reply), reply)
+
+    return edit
+
+
 def mean_score(prompts: Sequence[str], replies: Sequence[Sequence[str]], rule: Rule) -> float:
     scores = [rule(p, r) for p, group in zip(prompts, replies, strict=True) for r in group]
     return sum(scores) / len(scores)
