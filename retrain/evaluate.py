@@ -157,7 +157,8 @@ class BehaviourReport:
     rated) of which ``n_prompts`` were sampled
     (``samples_per_prompt`` replies each, plus ``n_fixed`` fixed generic prompts used
     for KL and degeneration only). ``scorer``: the feedback-trained scorer's held-out
-    accuracy. Scores are mean ``P(thumbs up)`` by that scorer; ``score_diff`` the mean
+    accuracy. Scores are the mean log-odds of a thumbs-up by that scorer
+    (:meth:`retrain.reward_model.RewardModel.log_odds`); ``score_diff`` the mean
     over prompts of (candidate - active), ``score_lower_bound`` that minus
     ``confidence_z`` standard errors (None under two prompts). ``kl`` / ``active_kl``
     nats per token from the base. ``implicit`` holds the implicit-reward metrics of
@@ -266,8 +267,10 @@ def evaluate_behaviour(
        rows or ``asked_prompts`` (held-out prompts answered but never rated; at most
        ``config.max_prompts`` in all), and each fixed prompt gets ``config.samples_per_prompt``
        sampled replies from each version, with the same seed per prompt for both.
-    3. Held-out replies are scored; per prompt ``d_i = mean candidate score - mean
-       active score``; ``score_diff = mean(d)``, ``score_lower_bound = mean(d) - z *
+    3. Held-out replies are scored in log-odds of a thumbs-up (not probabilities: when
+       nearly every thumb went one way, as with users who only edit, the probabilities
+       all sit in one flat tail of the sigmoid and a real gain reads as +0.002); per
+       prompt ``d_i = mean candidate score - mean active score``; ``score_diff = mean(d)``, ``score_lower_bound = mean(d) - z *
        sd(d) / sqrt(n)`` (normal approximation, ``z = config.confidence_z``, sd with
        n - 1). KL and degenerate shares cover all sampled replies (held-out + fixed).
     """
@@ -334,8 +337,8 @@ def evaluate_behaviour(
                                           strict=True) for c, a in zip(cand, act, strict=True)]
     for messages, cand, act in zip(prompts, cand_all, act_all, strict=False):
         user = last_user_text(messages)
-        c = _mean(reward_model.scores([(user, r) for r in cand]))
-        a = _mean(reward_model.scores([(user, r) for r in act]))
+        c = _mean(reward_model.log_odds([(user, r) for r in cand]))
+        a = _mean(reward_model.log_odds([(user, r) for r in act]))
         cand_scores.append(c)
         act_scores.append(a)
         diffs.append(c - a)
@@ -456,7 +459,7 @@ def gate_decision(
     else:
         comparison = (
             f"candidate replies scored {r.candidate_score:.3f} vs {active} "
-            f"{r.active_score:.3f} by the feedback-trained scorer (difference "
+            f"{r.active_score:.3f} in log-odds by the feedback-trained scorer (difference "
             f"{r.score_diff:+.3f}, {level} lower bound {r.score_lower_bound:+.3f}")
         if r.score_lower_bound <= 0:
             holds.append(f"hold: {comparison} ≤ 0) on {samples}: no evidence of improvement")

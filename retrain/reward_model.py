@@ -157,6 +157,13 @@ class RewardModel:
         """:meth:`score` of many ``(prompt, reply)`` pairs at once."""
         return torch.sigmoid(self._logits(pairs)).tolist()
 
+    def log_odds(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """The linear score ``s(x, y) + b`` of many pairs: the log-odds of a thumbs-up.
+        Differences of it are Bradley-Terry log-odds that users prefer one reply to the
+        other, whatever share of the thumbs was up; :meth:`scores` squashes them where
+        nearly all thumbs went one way (users who only edit leave only down-votes)."""
+        return self._logits(pairs).tolist()
+
     def accuracy(self, kto_rows: Sequence[dict], dpo_rows: Sequence[dict]) -> ScorerAccuracy:
         """Held-out accuracy on TRL rows (thumbs: balanced; pairs: ranking)."""
         return ScorerAccuracy.of(self.outcomes(kto_rows, dpo_rows))

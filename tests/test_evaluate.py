@@ -217,6 +217,25 @@ def test_reward_model_learns_a_rule_and_predicts_held_out_prompts():
     assert model.score(prompt, "rain. whatever.") < 0.3
 
 
+def test_log_odds_keep_a_gain_visible_when_every_thumb_went_one_way():
+    """Users who only edit leave only down-votes (each edited reply) and pairs. Trained on
+    those, the scorer puts most replies deep in the sigmoid's flat tail, where a reply
+    that is better than another by the pairs' measure gains almost nothing in P(thumbs
+    up); in log-odds the gain is whole, and that is what the gate compares."""
+    rng = random.Random(4)
+    kto, dpo = _rule_rows(TOPICS[:120], rng)
+    downs = [row for row in kto if not row["label"]]
+    model = train_reward_model(downs, dpo)
+    prompt = "Tell me about clouds?"
+    better, worse = "It is rain.", "rain. whatever."  # neither as liked as a polite reply
+    p_better, p_worse = model.scores([(prompt, better), (prompt, worse)])
+    z_better, z_worse = model.log_odds([(prompt, better), (prompt, worse)])
+    assert p_better < 0.05 and p_worse < 0.05
+    assert p_better - p_worse < 0.02  # a gain that a lower bound would not see
+    assert z_better - z_worse > 1.0  # the same gain in log-odds
+    assert z_better == pytest.approx(math.log(p_better / (1 - p_better)), abs=1e-3)
+
+
 def test_reward_model_on_random_labels_is_near_chance():
     rng = random.Random(1)
     train_kto, train_dpo = _rule_rows(TOPICS[:120], rng, random_labels=True)
@@ -354,7 +373,7 @@ def test_gate_promotes_on_evidence_of_improvement_and_says_what_it_saw():
     decision, reasons = gate_decision(_report())
     assert decision == "promote"
     assert reasons == [
-        "promote: candidate replies scored 0.610 vs v0002 0.520 by the feedback-trained scorer "
+        "promote: candidate replies scored 0.610 vs v0002 0.520 in log-odds by the feedback-trained scorer "
         "(difference +0.090, 95% lower bound +0.040 > 0) on 20 held-out prompts × 4 samples; "
         "KL 0.120 ≤ 0.30 nats/token; degenerate 0% (v0002 0%); scorer accuracy 80% on 42 "
         "held-out rows"]
@@ -365,7 +384,7 @@ def test_gate_holds_when_the_lower_bound_is_not_above_zero():
                                               score_diff=0.004, score_lower_bound=-0.03))
     assert decision == "hold"
     assert reasons == [
-        "hold: candidate replies scored 0.512 vs v0002 0.508 by the feedback-trained scorer "
+        "hold: candidate replies scored 0.512 vs v0002 0.508 in log-odds by the feedback-trained scorer "
         "(difference +0.004, 95% lower bound -0.030 ≤ 0) on 20 held-out prompts × 4 samples: "
         "no evidence of improvement"]
 
