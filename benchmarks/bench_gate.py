@@ -16,10 +16,10 @@ Candidates, each a fresh adapter trained in-process from the same rows:
   reply the model gave to the same prompt (as the alignment benchmark's control users).
 
 Truth: the judge's mean score of 4 sampled replies (up to 256 tokens, as served) to each
-held-out prompt (questions no user rated), against the base's on the same prompts; "better" means a rise of at least
-0.05 and 2 standard errors (paired by prompt), with KL from the base <= 0.3 nats/token and
-no more degenerate replies than the base plus 0.05. The gate is ``evaluate_behaviour`` +
-``gate_decision`` with the default ``GateConfig``.
+held-out prompt (questions no user rated), against the base's on the same prompts;
+"better" means a rise of at least 0.05 and 2 standard errors (paired by prompt), with KL
+from the base <= 0.3 nats/token and no more degenerate replies than the base plus 0.05.
+The gate is ``evaluate_behaviour`` + ``gate_decision`` with the default ``GateConfig``.
 
 Verdicts: ``no-op``, ``collapsed`` and ``random`` must never be promoted, whatever their
 score (a random-label round can drift toward a judge by chance: the feedback gave no
@@ -48,11 +48,6 @@ from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from common import machine_note, print_table, write_json  # noqa: E402
 
-# Replies as long as the chat server lets them run (``SamplingParams`` default), for the
-# users' rated replies and the truth alike: KL grows along a reply that drifts, so a
-# shorter cap would read a different KL than users get and than the gate measures.
-SERVED_TOKENS = 256
-
 CANDIDATES = {
     "default": {},
     "second-seed": {"seed": 1},
@@ -72,11 +67,20 @@ def _split(fb: sim.Feedback, eval_fraction: float) -> tuple[sim.Feedback, sim.Fe
             sim.Feedback(side(fb.kto, "eval"), side(fb.dpo, "eval")))
 
 
+def _served_tokens() -> int:
+    """The chat server's reply cap, for the users' rated replies and the truth alike: KL
+    grows along a reply that drifts, so a shorter cap would read a different KL than users
+    get and than the gate measures."""
+    from chat_app.engine.params import SamplingParams
+
+    return SamplingParams().max_new_tokens
+
+
 def _truth(model, tokenizer, prompts, judge, base_scores, base_degenerate, is_peft):
     from retrain.evaluate import is_degenerate
 
     replies = sim.sample_replies(model, tokenizer, prompts, 4, seed=4321,
-                                 max_new_tokens=SERVED_TOKENS)
+                                 max_new_tokens=_served_tokens())
     scores = [sum(judge.score(p, r) for r in g) / len(g) for p, g in zip(prompts, replies, strict=True)]
     diffs = [a - b for a, b in zip(scores, base_scores, strict=True)]
     mean = sum(diffs) / len(diffs)
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     asked = [sets.pick_train(rng) for _ in range(args.ratings // 2)]
     replies = sim.sample_replies(base, tokenizer, asked, 2, seed=11,
-                                 max_new_tokens=SERVED_TOKENS)
+                                 max_new_tokens=_served_tokens())
     random_edit = sim.edit_into_another_reply(asked, replies)
     work = Path(tempfile.mkdtemp(prefix="bench-gate-"))
     rows, results = [], []

@@ -272,7 +272,8 @@ def evaluate_behaviour(
        all sit in one flat tail of the sigmoid and a real gain reads as +0.002); per
        prompt ``d_i = mean candidate score - mean active score``; ``score_diff =
        mean(d)``, ``score_lower_bound = mean(d) - z * sd(d) / sqrt(n)`` (normal
-       approximation, ``z = config.confidence_z``, sd with n - 1). KL and degenerate shares cover all sampled replies (held-out + fixed).
+       approximation, ``z = config.confidence_z``, sd with n - 1). KL and degenerate
+       shares cover all sampled replies (held-out + fixed).
     """
     config.validate()
     for i, messages in enumerate(fixed_prompts):
