@@ -51,8 +51,9 @@ from common import machine_note, print_table, write_json  # noqa: E402
 CANDIDATES = {
     "default": {},
     "second-seed": {"seed": 1},
-    "no-op": {"learning_rate": 1e-8},
-    "collapsed": {"learning_rate": 5e-3, "beta": 0.1, "sft_weight": 0.0, "kl_budget": None},
+    "no-op": {"learning_rate": 1e-8, "kto_learning_rate": 1e-8},
+    "collapsed": {"learning_rate": 5e-3, "kto_learning_rate": 5e-3, "beta": 0.1,
+                  "sft_weight": 0.0, "kl_budget": None},
     "random": {},
 }
 

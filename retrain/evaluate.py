@@ -400,8 +400,9 @@ def gate_decision(
     the active's by more than the margin). Otherwise hold when the evidence is missing:
     too few held-out rows or prompts, a scorer that does not predict held-out feedback,
     or a score difference whose lower confidence bound is not above 0 (a no-op adapter
-    lands here). Otherwise promote. Every reason starts with its decision and says what
-    was measured; a promotion has one summary line.
+    lands here); a hold's last line gives the candidate's KL and degenerate share, which
+    were within the limits. Otherwise promote. Every reason starts with its decision and
+    says what was measured; a promotion has one summary line.
     """
     config.validate()
     r = report
@@ -465,6 +466,9 @@ def gate_decision(
         if r.score_lower_bound <= 0:
             holds.append(f"hold: {comparison} ≤ 0) on {samples}: no evidence of improvement")
     if holds:
+        holds.append(f"hold: within the safety limits: KL {r.kl:.3f} ≤ {config.kl_limit:.2f} "
+                     f"nats/token from the base; degenerate {r.degenerate_share:.0%} "
+                     f"({active} {r.active_degenerate_share:.0%})")
         return "hold", holds
     return "promote", [
         f"promote: {comparison} > 0) on {samples}; KL {r.kl:.3f} ≤ {config.kl_limit:.2f} "

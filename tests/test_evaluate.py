@@ -309,7 +309,9 @@ def test_a_no_op_adapter_is_held_not_promoted(tiny: Path, tmp_path: Path, rule_r
     assert report.changed_share == 0.0
     decision, reasons = gate_decision(report, SMALL_GATE)
     assert decision == "hold", reasons
-    assert len(reasons) == 2, reasons
+    assert len(reasons) == 3, reasons
+    assert reasons[2] == ("hold: within the safety limits: KL 0.000 ≤ 0.30 nats/token from "
+                          "the base; degenerate 0% (base 0%)")
     assert reasons[0] == ("hold: near no-op: only 0% of the candidate's replies on 6 held-out "
                           "prompts × 3 samples differ from base's drawn with the same seed; at "
                           "least 10% must change for users to see a difference")
@@ -386,7 +388,9 @@ def test_gate_holds_when_the_lower_bound_is_not_above_zero():
     assert reasons == [
         "hold: candidate replies scored 0.512 vs v0002 0.508 in log-odds by the feedback-trained scorer "
         "(difference +0.004, 95% lower bound -0.030 ≤ 0) on 20 held-out prompts × 4 samples: "
-        "no evidence of improvement"]
+        "no evidence of improvement",
+        "hold: within the safety limits: KL 0.120 ≤ 0.30 nats/token from the base; "
+        "degenerate 0% (v0002 0%)"]
 
 
 def test_gate_holds_a_near_no_op_whose_few_changed_replies_look_significant():
@@ -394,7 +398,7 @@ def test_gate_holds_a_near_no_op_whose_few_changed_replies_look_significant():
     everywhere, so a small gain on those few can clear the lower bound; users would not
     see it, and the scorer's verdict on 4 replies is no evidence."""
     decision, reasons = gate_decision(_report(changed_share=0.05))
-    assert decision == "hold" and len(reasons) == 1
+    assert decision == "hold" and len(reasons) == 2
     assert reasons[0].startswith("hold: near no-op: only 5% of the candidate's replies on 20 "
                                  "held-out prompts × 4 samples differ from v0002's")
     assert gate_decision(_report(changed_share=0.1))[0] == "promote"
@@ -410,7 +414,9 @@ def test_gate_holds_without_enough_held_out_evidence_and_gives_the_counts():
     assert reasons == [
         "hold: not enough evidence: the scorer was checked on 6 held-out rows (4 thumbs, "
         "2 pairs) and there are 3 distinct held-out prompts; the gate needs at least 20 rows "
-        "and 8 prompts"]
+        "and 8 prompts",
+        "hold: within the safety limits: KL 0.120 ≤ 0.30 nats/token from the base; "
+        "degenerate 0% (v0002 0%)"]
 
 
 def test_few_held_out_rows_count_as_evidence_when_the_scorer_is_cross_validated():
@@ -435,7 +441,7 @@ def test_few_held_out_rows_count_as_evidence_when_the_scorer_is_cross_validated(
 
 def test_gate_holds_when_the_scorer_does_not_predict_held_out_feedback():
     decision, reasons = gate_decision(_report(scorer=ScorerAccuracy(0.55, 0.5, 0.6, 30, 12)))
-    assert decision == "hold" and len(reasons) == 1
+    assert decision == "hold" and len(reasons) == 2
     assert "does not predict itself" in reasons[0] and "55% of 42 held-out rows" in reasons[0]
     assert gate_decision(_report(scorer=ScorerAccuracy(None, None, None, 0, 0)))[0] == "hold"
     # with no minimum of rows, a scorer checked on none still holds, and says so

@@ -191,6 +191,30 @@ def test_kto_round_raises_heldout_thumb_separation(tiny: Path, tmp_path: Path):
     assert after.kto_logp_separation > before.kto_logp_separation + 5.0
 
 
+def test_a_rate_too_high_for_the_kl_budget_backs_off_instead_of_ending_the_round(
+    tiny: Path, tmp_path: Path
+):
+    """At a rate that overshoots the budget within the first checks, the phase puts back
+    the last weights within budget and halves its rate; without back-offs the same run
+    of checks ends the phase, and either way the saved adapter is within budget."""
+    train = kto_rows(TRAIN_TOPICS) + kto_rows(list(reversed(TRAIN_TOPICS)))
+    hot = TrainConfig(kto_learning_rate=5e-2, kto_steps=24, min_steps=24, batch_size=4,
+                      kl_budget=0.02, kl_check_every=2, kl_patience=1, kl_probe_prompts=4,
+                      kl_probe_samples=2, kl_probe_tokens=12, warmup_ratio=0.0)
+    backed = _round(tiny, tmp_path / "backed", kto_rows=train, config=hot)
+    m = backed.metrics
+    assert m["kto/kl_backoffs"] >= 1, m
+    assert m["kto/peak_lr"] == pytest.approx(5e-2 / 2 ** m["kto/kl_backoffs"])
+    first = next(h["step"] for h in backed.history if "kl/backoff" in h)
+    assert m["kto/steps"] > first  # it trained on after backing off
+    assert 0 < m["kl_sampled"] <= 0.02  # and kept a trained adapter within budget
+    stopped = _round(tiny, tmp_path / "stopped", kto_rows=train,
+                     config=replace(hot, kl_backoffs=0))
+    s = stopped.metrics
+    assert s["kto/kl_backoffs"] == 0 and s["kto/stopped_by_kl_budget"] == 1.0
+    assert s["kto/steps"] == first and s["kl_sampled"] == 0.0  # a no-op round
+
+
 def _mean_chosen_logps(model: torch.nn.Module, tokenizer, rows: list[dict]) -> float:
     pairs = modeling.encode_dpo_rows(tokenizer, rows)
     batch = modeling.collate(
@@ -388,6 +412,8 @@ def test_config_validate_lists_every_problem():
         lora_dropout=1.5,
         target_modules=(),
         desirable_weight=-1.0,
+        kto_learning_rate=0.0,
+        kl_backoffs=-1,
     )
     with pytest.raises(ValueError) as info:
         bad.validate()
@@ -399,6 +425,8 @@ def test_config_validate_lists_every_problem():
         "lora_dropout",
         "target_modules",
         "desirable_weight",
+        "kto_learning_rate",
+        "kl_backoffs",
     ):
         assert name in message
     TrainConfig().validate()
