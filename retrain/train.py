@@ -15,6 +15,7 @@ probabilities are sums over completion tokens (``losses.sequence_logps``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -502,11 +503,8 @@ def _train_kto(
     device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
 
-    def collate(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> modeling.Batch:
-        return modeling.collate(
-            pairs, pad_id=_pad_id(tokenizer), max_length=config.max_length, device=device
-        )
-
+    collate = functools.partial(modeling.collate, pad_id=_pad_id(tokenizer),
+                                max_length=config.max_length, device=device)
     reference = _ReferenceCache(model, collate)
     for step in range(1, total + 1):
         rows = next(batches)
@@ -582,11 +580,8 @@ def _train_dpo(
     device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
 
-    def collate(pairs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> modeling.Batch:
-        return modeling.collate(
-            pairs, pad_id=_pad_id(tokenizer), max_length=config.max_length, device=device
-        )
-
+    collate = functools.partial(modeling.collate, pad_id=_pad_id(tokenizer),
+                                max_length=config.max_length, device=device)
     reference = _ReferenceCache(model, collate)
     for step in range(1, total + 1):
         rows = next(batches)
