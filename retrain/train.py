@@ -340,7 +340,8 @@ class _ReferenceCache:
 class _Phase:
     """Shared plumbing of a phase: optimiser, schedule, KL budget, logging, averaging.
 
-    The learning rate warms up linearly over ``warmup_ratio`` of the steps, then decays
+    The learning rate (``learning_rate``, else ``config.learning_rate``; KTO passes its
+    own) warms up linearly over ``warmup_ratio`` of the steps, then decays
     along a cosine to a tenth of its peak at the last step. Every ``kl_check_every``
     steps (and after the last) the :class:`KLProbe` measures how far the adapter has
     moved replies from the base; the LoRA weights of the last check within
@@ -361,14 +362,13 @@ class _Phase:
         config: TrainConfig,
         progress: Callable[[dict], None] | None,
         world: World = ONE_PROCESS,
+        learning_rate: float | None = None,
     ) -> None:
         self.name, self.model, self.total, self.config = name, model, total, config
         self.progress = progress if world.main else None
         self.world = world
         self.params = [p for p in model.parameters() if p.requires_grad]
-        rate = config.learning_rate
-        if name == "kto" and config.kto_learning_rate is not None:
-            rate = config.kto_learning_rate
+        rate = config.learning_rate if learning_rate is None else learning_rate
         self.optimizer = torch.optim.AdamW(self.params, lr=rate, weight_decay=0.0)
         warmup = round(config.warmup_ratio * total)
 
@@ -498,7 +498,8 @@ def _train_kto(
         config.undesirable_weight if config.undesirable_weight is not None else balanced[1]
     )
     total = phase_steps(len(examples), config, config.kto_steps)
-    phase = _Phase("kto", model, total, config, progress, world)
+    phase = _Phase("kto", model, total, config, progress, world,
+                   learning_rate=config.kto_learning_rate)
     phase.probe = probe
     device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
