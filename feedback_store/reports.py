@@ -19,8 +19,9 @@ from . import convert
 from .convert import check_text, check_user, utc
 from .errors import InvalidInput
 from .models import AdapterVersionRow, FeedbackEventRow, MessageRow, TrainingRunRow
+from .reading import log_filters
 from .records import EVENT_KINDS, AdapterVersion, FeedbackEvent
-from .store import FeedbackStore, log_filters
+from .store import FeedbackStore
 
 BUCKETS = ("day", "hour")
 _BUCKET_FORMATS = {"day": ("%Y-%m-%d", "YYYY-MM-DD", 10), "hour": ("%Y-%m-%d %H", "YYYY-MM-DD HH24", 13)}

@@ -8,14 +8,14 @@ change is a new event (the latest vote of a user counts, see ``datasets``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Text, cast, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from . import convert
 from .convert import (
@@ -27,19 +27,17 @@ from .convert import (
     check_user,
     clean_model_text,
     json_object,
-    utc,
 )
 from .db import Database, upgrade
 from .errors import Conflict, InvalidInput, NotFound
 from .listing import ConversationLists
 from .models import ConversationRow, FeedbackEventRow, MessageRow
+from .reading import MAX_REQUEST_ID_CHARS, StoreReads, get_reply_row, get_row
 from .records import (
-    EVENT_KINDS,
     RATINGS,
     REPLY_ORIGINS,
     Conversation,
     FeedbackEvent,
-    FeedbackLogRow,
     Message,
 )
 
@@ -54,7 +52,6 @@ MAX_FINISH_REASON_CHARS = 16
 
 
 T = TypeVar("T")
-MAX_REQUEST_ID_CHARS = 100
 
 
 def _reused(request_id: str | None) -> Conflict:
@@ -67,7 +64,7 @@ class Limits:
     max_comment_chars: int = DEFAULT_MAX_COMMENT_CHARS
 
 
-class FeedbackStore(ConversationLists):
+class FeedbackStore(StoreReads, ConversationLists):
     """Open with ``FeedbackStore.open(url)``; see the module docstring for the contract."""
 
     def __init__(self, db: Database, *, limits: Limits | None = None) -> None:
@@ -166,7 +163,7 @@ class FeedbackStore(ConversationLists):
                     select(func.max(MessageRow.id)).where(MessageRow.conversation_id == conv.id)
                 )
             else:
-                p = _get(s, MessageRow, parent, "message")
+                p = get_row(s, MessageRow, parent, "message")
                 if p.conversation_id != conv.id:
                     raise InvalidInput(f"message {parent} belongs to another conversation")
                 if p.role == "user":
@@ -234,10 +231,10 @@ class FeedbackStore(ConversationLists):
 
         def work(s: Session) -> Message:
             if source_reply_id is not None:
-                src = _get_reply(s, source_reply_id)
-                parent = _get(s, MessageRow, src.parent_id, "message")
+                src = get_reply_row(s, source_reply_id)
+                parent = get_row(s, MessageRow, src.parent_id, "message")
             else:
-                parent = _get(s, MessageRow, parent_id, "message")
+                parent = get_row(s, MessageRow, parent_id, "message")
                 if parent.role != "user":
                     raise InvalidInput(f"message {parent.id} is not a user message")
             row = MessageRow(
@@ -274,7 +271,7 @@ class FeedbackStore(ConversationLists):
         user_id = check_user(user_id)
 
         def work(s: Session) -> tuple[Message, FeedbackEvent]:
-            orig = _get_reply(s, reply_id)
+            orig = get_reply_row(s, reply_id)
             if content.strip() == orig.content.strip():
                 raise InvalidInput("the edited reply is the same as the original")
             row = MessageRow(
@@ -296,7 +293,7 @@ class FeedbackStore(ConversationLists):
         def found(s: Session, ev: FeedbackEventRow) -> tuple[Message, FeedbackEvent]:
             if ev.kind != "edit" or ev.reply_id != reply_id:
                 raise _reused(request_id)
-            edited = _get(s, MessageRow, ev.other_reply_id, "message")
+            edited = get_row(s, MessageRow, ev.other_reply_id, "message")
             return convert.message(edited), convert.event(ev)
 
         return self._once(FeedbackEventRow, request_id, work, found)
@@ -346,8 +343,8 @@ class FeedbackStore(ConversationLists):
             raise InvalidInput("a reply cannot be chosen over itself")
 
         def work(s: Session) -> FeedbackEvent:
-            chosen = _get_reply(s, chosen_id)
-            rejected = _get_reply(s, rejected_id)
+            chosen = get_reply_row(s, chosen_id)
+            rejected = get_reply_row(s, rejected_id)
             if chosen.parent_id != rejected.parent_id:
                 raise InvalidInput(
                     f"replies {chosen_id} and {rejected_id} answer different messages; "
@@ -386,7 +383,7 @@ class FeedbackStore(ConversationLists):
         user_id = check_user(user_id)
 
         def work(s: Session) -> FeedbackEvent:
-            reply = _get_reply(s, reply_id)
+            reply = get_reply_row(s, reply_id)
             ev = FeedbackEventRow(
                 kind=kind, reply_id=reply.id, conversation_id=reply.conversation_id,
                 adapter_version=reply.adapter_version, user_id=user_id, comment=comment,
@@ -420,7 +417,7 @@ class FeedbackStore(ConversationLists):
                                                           max_chars=MAX_LABEL_CHARS)
 
         def work(s: Session) -> dict[str, int]:
-            conv = _get(s, ConversationRow, cid, "conversation")
+            conv = get_row(s, ConversationRow, cid, "conversation")
             if owner is not None:
                 mine = conv.user_id == owner
             elif key is not None:
@@ -489,228 +486,6 @@ class FeedbackStore(ConversationLists):
         except IntegrityError:
             return self.db.run(attempt)
 
-    # -- reading ----------------------------------------------------------------------
-
-    def get_conversation(self, conversation_id: int) -> Conversation:
-        cid = check_id(conversation_id, "conversation id")
-        return self.db.run(
-            lambda s: convert.conversation(_get(s, ConversationRow, cid, "conversation")),
-            write=False,
-        )
-
-    def message_for_request(self, request_id: str) -> Message | None:
-        """The message a write with ``request_id`` stored, if one did."""
-        check_label(request_id, "request id", max_chars=MAX_REQUEST_ID_CHARS)
-
-        def work(s: Session) -> Message | None:
-            row = s.scalar(select(MessageRow).where(MessageRow.request_id == request_id))
-            return convert.message(row) if row is not None else None
-
-        return self.db.run(work, write=False)
-
-    def get_message(self, message_id: int) -> Message:
-        mid = check_id(message_id, "message id")
-        return self.db.run(
-            lambda s: convert.message(_get(s, MessageRow, mid, "message")), write=False
-        )
-
-    def messages(self, conversation_id: int) -> list[Message]:
-        """Every message of a conversation (all branches), oldest first."""
-        cid = check_id(conversation_id, "conversation id")
-
-        def work(s: Session) -> list[Message]:
-            _get(s, ConversationRow, cid, "conversation")
-            rows = s.scalars(
-                select(MessageRow).where(MessageRow.conversation_id == cid).order_by(MessageRow.id)
-            )
-            return [convert.message(r) for r in rows]
-
-        return self.db.run(work, write=False)
-
-    def context(self, message_id: int) -> list[Message]:
-        """The thread from the first message down to ``message_id`` inclusive."""
-        mid = check_id(message_id, "message id")
-
-        def work(s: Session) -> list[Message]:
-            row = _get(s, MessageRow, mid, "message")
-            rows = {
-                r.id: r
-                for r in s.scalars(
-                    select(MessageRow).where(MessageRow.conversation_id == row.conversation_id)
-                )
-            }
-            chain = []
-            cur: MessageRow | None = row
-            while cur is not None:
-                chain.append(convert.message(cur))
-                cur = rows.get(cur.parent_id) if cur.parent_id else None
-            return chain[::-1]
-
-        return self.db.run(work, write=False)
-
-    def siblings(self, reply_id: int) -> list[Message]:
-        """All replies to the same user message as ``reply_id`` (itself included)."""
-        rid = check_id(reply_id, "reply id")
-
-        def work(s: Session) -> list[Message]:
-            reply = _get_reply(s, rid)
-            rows = s.scalars(
-                select(MessageRow)
-                .where(MessageRow.parent_id == reply.parent_id, MessageRow.role == "assistant")
-                .order_by(MessageRow.id)
-            )
-            return [convert.message(r) for r in rows]
-
-        return self.db.run(work, write=False)
-
-    def events_for(self, reply_id: int) -> list[FeedbackEvent]:
-        """Every feedback event about ``reply_id`` (as the rated or the other reply)."""
-        rid = check_id(reply_id, "reply id")
-
-        def work(s: Session) -> list[FeedbackEvent]:
-            _get_reply(s, rid)
-            rows = s.scalars(
-                select(FeedbackEventRow)
-                .where(or_(FeedbackEventRow.reply_id == rid, FeedbackEventRow.other_reply_id == rid))
-                .order_by(FeedbackEventRow.id)
-            )
-            return [convert.event(r) for r in rows]
-
-        return self.db.run(work, write=False)
-
-    def count_events(self, *, after_id: int | None = None, kinds: Sequence[str] | None = None) -> int:
-        def work(s: Session) -> int:
-            q = select(func.count(FeedbackEventRow.id))
-            if after_id is not None:
-                q = q.where(FeedbackEventRow.id > after_id)
-            if kinds:
-                q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
-            return int(s.scalar(q) or 0)
-
-        return self.db.run(work, write=False)
-
-    def last_event_id(self) -> int | None:
-        return self.db.run(lambda s: s.scalar(select(func.max(FeedbackEventRow.id))), write=False)
-
-    def counts(self) -> dict[str, int]:
-        """Row counts per table and per feedback kind (for metrics and checks)."""
-
-        def work(s: Session) -> dict[str, int]:
-            out = {
-                "conversations": int(s.scalar(select(func.count(ConversationRow.id))) or 0),
-                "messages": int(s.scalar(select(func.count(MessageRow.id))) or 0),
-                "events": int(s.scalar(select(func.count(FeedbackEventRow.id))) or 0),
-            }
-            for kind, n in s.execute(
-                select(FeedbackEventRow.kind, func.count()).group_by(FeedbackEventRow.kind)
-            ):
-                out[f"events.{kind}"] = int(n)
-            return out
-
-        return self.db.run(work, write=False)
-
-    def feedback_log(
-        self,
-        *,
-        kinds: Sequence[str] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        adapter_version: str | None = None,
-        user_id: str | None = None,
-        search: str | None = None,
-        before_id: int | None = None,
-        limit: int = 50,
-    ) -> list[FeedbackLogRow]:
-        """Newest-first page of feedback events with their reply and prompt.
-
-        Filters combine with AND: ``kinds``; ``since`` <= created_at < ``until`` (naive
-        datetimes are UTC); the adapter version that wrote the reply; the voter's
-        ``user_id``; ``search``, a case-insensitive literal substring of the reply, the
-        prompt, the comment, a tag (a reason picked with the vote) or the other reply. Keyset paging: pass the last row's
-        event id as ``before_id`` for the next page.
-        """
-        if isinstance(kinds, str):
-            kinds = [kinds]
-        if kinds:
-            bad = [k for k in kinds if k not in EVENT_KINDS]
-            if bad:
-                raise InvalidInput(f"unknown feedback kinds {bad}; known: {EVENT_KINDS}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise InvalidInput("limit must be an integer between 1 and 1000")
-        since, until = utc(since, "since"), utc(until, "until")
-        user_id = check_user(user_id)
-        if before_id is not None:
-            before_id = check_id(before_id, "before_id")
-        if search is not None:
-            search = check_text(search, "search text", max_chars=1000, allow_empty=True).strip()
-        reply = aliased(MessageRow)
-        prompt = aliased(MessageRow)
-        other = aliased(MessageRow)
-
-        def work(s: Session) -> list[FeedbackLogRow]:
-            q = (
-                select(FeedbackEventRow, reply.content, reply.adapter_version, prompt.content,
-                       other.content)
-                .join(reply, reply.id == FeedbackEventRow.reply_id)
-                .outerjoin(prompt, prompt.id == reply.parent_id)
-                .outerjoin(other, other.id == FeedbackEventRow.other_reply_id)
-            )
-            q = log_filters(q, texts=(reply.content, prompt.content, other.content),
-                            kinds=kinds, since=since, until=until,
-                            adapter_version=adapter_version, user_id=user_id, search=search)
-            if before_id is not None:
-                q = q.where(FeedbackEventRow.id < before_id)
-            q = q.order_by(FeedbackEventRow.id.desc()).limit(limit)
-            return [
-                FeedbackLogRow(
-                    event=convert.event(ev), reply_content=rc, reply_adapter_version=rv,
-                    prompt=pc, other_content=oc,
-                )
-                for ev, rc, rv, pc, oc in s.execute(q)
-            ]
-
-        return self.db.run(work, write=False)
-
-
-def log_filters(
-    q: Any,
-    *,
-    texts: Sequence[Any],
-    kinds: Sequence[str] | None,
-    since: datetime | None,
-    until: datetime | None,
-    adapter_version: str | None,
-    user_id: str | None,
-    search: str | None,
-) -> Any:
-    """The WHERE clauses of ``feedback_log`` (shared with the console's counts).
-
-    ``texts``: the reply, prompt and other-reply content columns the query joined,
-    searched with the event's comment and tags for ``search``, a literal substring (``%``
-    and ``_`` are not wildcards).
-    """
-    if kinds:
-        q = q.where(FeedbackEventRow.kind.in_(list(kinds)))
-    if since is not None:
-        q = q.where(FeedbackEventRow.created_at >= since)
-    if until is not None:
-        q = q.where(FeedbackEventRow.created_at < until)
-    if adapter_version is not None:
-        q = q.where(FeedbackEventRow.adapter_version == adapter_version)
-    if user_id is not None:
-        q = q.where(FeedbackEventRow.user_id == user_id)
-    if search:
-        tags = cast(FeedbackEventRow.tags, Text)  # the reasons picked with a vote, as JSON
-        q = q.where(or_(*(col.icontains(search, autoescape=True)
-                          for col in (*texts, FeedbackEventRow.comment, tags))))
-    return q
-
-
-def _get(s: Session, model: type, key: Any, what: str) -> Any:
-    row = s.get(model, key) if key is not None else None
-    if row is None:
-        raise NotFound(f"no {what} with id {key}")
-    return row
 
 
 def _erase(s: Session, conv: ConversationRow, by: str | None) -> dict[str, int]:
@@ -731,14 +506,7 @@ def _erase(s: Session, conv: ConversationRow, by: str | None) -> dict[str, int]:
 
 def _live(s: Session, conversation_id: int) -> ConversationRow:
     """The conversation, refused with NotFound once deleted."""
-    conv = _get(s, ConversationRow, conversation_id, "conversation")
+    conv = get_row(s, ConversationRow, conversation_id, "conversation")
     if conv.deleted_at is not None:
         raise NotFound(f"conversation {conversation_id} was deleted")
     return conv
-
-
-def _get_reply(s: Session, reply_id: int) -> MessageRow:
-    row = _get(s, MessageRow, reply_id, "reply")
-    if row.role != "assistant":
-        raise InvalidInput(f"message {reply_id} is a {row.role} message, not a reply")
-    return row
