@@ -315,6 +315,13 @@ def _logps(model: torch.nn.Module, batch: modeling.Batch) -> torch.Tensor:
     return sequence_logps(modeling.forward_logits(model, batch), batch.labels)
 
 
+def _collater(tokenizer: Any, config: TrainConfig, device: Any) -> Callable[..., Any]:
+    """Batch collation for a phase's rows (and its reference cache): padded with the
+    tokenizer's pad id, cut to ``config.max_length``, on the phase's device."""
+    return functools.partial(modeling.collate, pad_id=_pad_id(tokenizer),
+                             max_length=config.max_length, device=device)
+
+
 class _ReferenceCache:
     """Reference log-probabilities of a phase's completions, each computed once: the
     reference (the base, adapter off) does not change during a round, so a row's value
@@ -503,9 +510,7 @@ def _train_kto(
     phase.probe = probe
     device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
-
-    collate = functools.partial(modeling.collate, pad_id=_pad_id(tokenizer),
-                                max_length=config.max_length, device=device)
+    collate = _collater(tokenizer, config, device)
     reference = _ReferenceCache(model, collate)
     for step in range(1, total + 1):
         rows = next(batches)
@@ -578,11 +583,8 @@ def _train_dpo(
     total = phase_steps(len(examples), config, config.dpo_steps)
     phase = _Phase("dpo", model, total, config, progress, world)
     phase.probe = probe
-    device = next(p.device for p in phase.params)
     batches = _batches(len(examples), config.batch_size, generator)
-
-    collate = functools.partial(modeling.collate, pad_id=_pad_id(tokenizer),
-                                max_length=config.max_length, device=device)
+    collate = _collater(tokenizer, config, next(p.device for p in phase.params))
     reference = _ReferenceCache(model, collate)
     for step in range(1, total + 1):
         rows = next(batches)
