@@ -375,6 +375,7 @@ class _Phase:
         self.progress = progress if world.main else None
         self.world = world
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
         rate = config.learning_rate if learning_rate is None else learning_rate
         self.optimizer = torch.optim.AdamW(self.params, lr=rate, weight_decay=0.0)
         warmup = round(config.warmup_ratio * total)
@@ -508,7 +509,7 @@ def _train_kto(
     phase = _Phase("kto", model, total, config, progress, world,
                    learning_rate=config.kto_learning_rate)
     phase.probe = probe
-    device = next(p.device for p in phase.params)
+    device = phase.device
     batches = _batches(len(examples), config.batch_size, generator)
     collate = _collater(tokenizer, config, device)
     reference = _ReferenceCache(model, collate)
@@ -584,7 +585,7 @@ def _train_dpo(
     phase = _Phase("dpo", model, total, config, progress, world)
     phase.probe = probe
     batches = _batches(len(examples), config.batch_size, generator)
-    collate = _collater(tokenizer, config, next(p.device for p in phase.params))
+    collate = _collater(tokenizer, config, phase.device)
     reference = _ReferenceCache(model, collate)
     for step in range(1, total + 1):
         rows = next(batches)
