@@ -25,6 +25,7 @@ from chat_app.engine import (
     SamplingParams,
 )
 from chat_app.engine.detokenize import IncrementalDecoder, StopFilter
+from feedback_store.convert import clean_model_text
 
 torch.set_num_threads(1)
 
@@ -146,6 +147,16 @@ def test_decoder_never_splits_a_character_across_pieces(model_dir: Path) -> None
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_a_decoded_nul_is_streamed_as_it_is_stored(model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    (nul,) = [i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\x00"]
+    ids = tokenizer("say ", add_special_tokens=False)["input_ids"] + [nul] + tokenizer(
+        " again", add_special_tokens=False)["input_ids"]
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join([decoder.push(i) for i in ids] + [decoder.flush()])
+    assert text == "say \ufffd again" == clean_model_text(tokenizer.decode(ids))
 
 
 def test_stop_filter_holds_back_a_possible_stop_string_until_it_is_decided() -> None:

@@ -3,7 +3,9 @@
 ``IncrementalDecoder`` decodes a window of recent tokens twice (with and without the newest
 ones) and emits the difference, so multi-token characters of byte-level BPE are emitted once
 complete (a trailing U+FFFD means "incomplete, wait") and tokenizers that drop a leading
-space when decoding a lone token still get their spaces right.
+space when decoding a lone token still get their spaces right. A NUL that a byte-level
+tokenizer decodes becomes U+FFFD: a client must be able to send a reply back as history,
+and no SQL text column holds a NUL, so what is streamed is what is stored.
 
 ``StopFilter`` holds back the end of the text that could still become a stop string, so a
 stop string is never emitted, not even in part.
@@ -26,7 +28,7 @@ class IncrementalDecoder:
         self._read = 0  # tokens up to here have been emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=True).replace("\x00", _INCOMPLETE)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (often '', or several characters)."""

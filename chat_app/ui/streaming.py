@@ -39,12 +39,12 @@ Save = Callable[[list[Message], str, dict[str, Any]], Message]
 
 def ended_reply(gen: Any, params: SamplingParams, model_name: str, reason: str,
                 max_chars: int) -> tuple[str, dict[str, Any]]:
-    """An ended generation as the store keeps it: its text (NULs dropped, cut to
-    ``max_chars``) and the ``add_reply`` keyword arguments (version, model, sampling
-    settings, finish reason, token counts)."""
+    """An ended generation as the store keeps it: its text (cut to ``max_chars``) and the
+    ``add_reply`` keyword arguments (version, model, sampling settings, finish reason,
+    token counts)."""
     record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}
     record["trimmed_turns"] = gen.trimmed_turns
-    return gen.text.replace("\x00", "")[:max_chars], dict(
+    return gen.text[:max_chars], dict(
         adapter_version=gen.version, model_name=model_name, generation=record,
         finish_reason=reason, prompt_tokens=gen.prompt_tokens,
         completion_tokens=gen.completion_tokens)
