@@ -69,6 +69,9 @@ def encode_prompt(tokenizer: Any, messages: list[dict], budget: int) -> list[int
         del kept[droppable[0]]
 
 
+_NUCLEUS_CANDIDATES = 64
+
+
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Rows of ``scores`` with tokens outside the top-``top_p`` nucleus set to -inf."""
     sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
@@ -76,6 +79,38 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     remove = cumulative <= (1 - top_p)
     remove[..., -1] = False
     return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def _nucleus(scores: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's top-``top_p`` nucleus as ``(token ids, probabilities)`` over its
+    ``_NUCLEUS_CANDIDATES`` most likely tokens (probabilities 0 outside the nucleus), or
+    None when some row's nucleus reaches past them. The same nucleus as
+    :func:`_top_p_filter` (a token stays while the mass ranked above it is below
+    ``top_p``), without sorting the whole vocabulary at every token."""
+    k = min(_NUCLEUS_CANDIDATES, scores.shape[-1])
+    top, ids = scores.topk(k, dim=-1)
+    probs = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
+    above = probs.cumsum(dim=-1) - probs
+    if k < scores.shape[-1] and not bool((probs.sum(dim=-1) >= top_p).all()):
+        return None
+    return ids, probs.masked_fill(above >= top_p, 0.0)
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p: float,
+          generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``softmax(logits / temperature)`` cut to the top-``top_p``
+    nucleus, by inverse transform: one uniform number per row from ``generator``, so two
+    models sampled with the same seed share their random numbers token by token."""
+    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
+    scores = logits / temperature
+    nucleus = _nucleus(scores, top_p) if top_p < 1.0 else None
+    if nucleus is None:
+        ids, probs = None, (_top_p_filter(scores, top_p) if top_p < 1.0 else scores).softmax(-1)
+    else:
+        ids, probs = nucleus
+    cdf = probs.cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    return (pick if ids is None else ids.gather(-1, pick)).squeeze(1)
 
 
 @torch.no_grad()
@@ -135,13 +170,8 @@ def _sample_rows(
     done = [False] * len(rows)
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
-        if temperature == 0:
-            tokens = logits.argmax(-1)
-        else:
-            scores = logits / temperature
-            if top_p < 1.0:
-                scores = _top_p_filter(scores, top_p)
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        tokens = (logits.argmax(-1) if temperature == 0
+                  else _draw(logits, temperature, top_p, generator))
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 replies[row].append(token)

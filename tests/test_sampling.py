@@ -9,7 +9,7 @@ from peft import get_peft_model
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from retrain import modeling
+from retrain import modeling, sampling
 from retrain.sampling import encode_prompt, kl_to_base, sample_replies, stop_token_ids
 
 QUESTIONS = ["Hi", "What is the capital of France, and why is it on the Seine?",
@@ -101,3 +101,29 @@ def test_encode_prompt_drops_oldest_turns_over_budget(setup) -> None:
     short = encode_prompt(tokenizer, chat, len(full) - 1)
     assert len(short) < len(full)
     assert short == encode_prompt(tokenizer, chat[1:], 10_000)  # the oldest turn went
+
+
+def test_nucleus_draws_follow_the_filtered_softmax_whichever_path_they_take() -> None:
+    """The fast path (the nucleus among the 64 likeliest tokens) keeps exactly the tokens
+    the full-vocabulary filter keeps; a flat row, whose nucleus is wider, falls back to
+    it. Either way each token is drawn as often as its filtered probability says."""
+    torch.manual_seed(0)
+    peaked = torch.randn(3, 1000) * 4
+    flat = torch.randn(1, 1000) * 0.1
+    for logits in (peaked, torch.cat([peaked, flat])):
+        scores = logits / 0.7
+        want = sampling._top_p_filter(scores, 0.95).softmax(-1)
+        nucleus = sampling._nucleus(scores, 0.95)
+        if logits is peaked:
+            ids, probs = nucleus
+            got = torch.zeros_like(want).scatter(-1, ids, probs)
+            assert torch.equal(got > 0, want > 0)
+            assert torch.allclose(got / got.sum(-1, keepdim=True), want, atol=1e-6)
+        else:
+            assert nucleus is None
+        generator = torch.Generator().manual_seed(1)
+        draws = torch.stack([sampling._draw(logits, 0.7, 0.95, generator) for _ in range(4000)])
+        for row in range(logits.shape[0]):
+            freq = torch.bincount(draws[:, row], minlength=1000) / len(draws)
+            assert (freq[want[row] == 0] == 0).all()
+            assert (freq - want[row]).abs().max() < 0.03
