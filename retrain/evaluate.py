@@ -259,7 +259,8 @@ def evaluate_behaviour(
     1. A reward model is trained on ``train_kto`` / ``train_dpo``
        (:func:`retrain.reward_model.train_reward_model`) and its accuracy measured on
        ``heldout_kto`` / ``heldout_dpo``; with fewer than ``config.min_heldout_rows``
-       held-out rows, by cross-validation over all the rows instead, in folds by prompt
+       held-out rows that count (thumbs of one label do not), by cross-validation over
+       all the rows instead, in folds by prompt
        (:func:`retrain.reward_model.cross_validated_accuracy`).
     2. The model loads as served (4-bit NF4 on CUDA unless ``quantize_4bit`` says
        otherwise; prompts cut to ``max_input_tokens`` by dropping the oldest turns),
@@ -268,7 +269,7 @@ def evaluate_behaviour(
        ``config.max_prompts`` in all), and each fixed prompt gets ``config.samples_per_prompt``
        sampled replies from each version, with the same seed per prompt for both.
     3. Held-out replies are scored in log-odds of a thumbs-up (not probabilities: when
-       nearly every thumb went one way, as with users who only edit, the probabilities
+       nearly every thumb went one way, the probabilities
        all sit in one flat tail of the sigmoid and a real gain reads as +0.002); per
        prompt ``d_i = mean candidate score - mean active score``; ``score_diff =
        mean(d)``, ``score_lower_bound = mean(d) - z * sd(d) / sqrt(n)`` (normal
@@ -284,9 +285,8 @@ def evaluate_behaviour(
     thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
     pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
     reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
-    if len(heldout_kto) + len(heldout_dpo) >= config.min_heldout_rows:
-        scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
-    else:
+    scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
+    if scorer_acc.n_rows < config.min_heldout_rows:
         scorer_acc = cross_validated_accuracy([*train_kto, *heldout_kto],
                                               [*train_dpo, *heldout_dpo], seed=config.seed)
     prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts,

@@ -20,10 +20,19 @@ The loss is the mean of both negative log-likelihoods (each kind weighted by its
 count) plus ``l2 * |w|^2``, minimised by full-batch Adam; a few thousand rows train in
 about a second on one CPU thread.
 
+Thumbs count only when both labels have at least ``MIN_THUMBS_PER_LABEL`` rows, in
+training and in measuring alike. Thumbs of one label say which replies users disliked
+(or liked), not what they prefer to them: users who only edit leave only down-votes
+(each edited reply counts as one). A scorer fitted to those learns "unlike the rated
+replies" and scores any change as a gain; the gate then promoted a candidate that had
+merely moved away from the disliked replies, to others no better by the users' rule
+(the content judge of the alignment benchmark: 0.307 against the base's 0.312, scored
++0.59 in log-odds). Such a round is scored by its pairs alone (or not at all).
+
 Held-out accuracy: for thumbs the balanced accuracy of ``P(up) > 0.5`` (the mean of the
 recall of each label, so always answering "up" scores 0.5); for pairs the share where
 the chosen reply scores higher (a tie counts one half). The overall accuracy is their
-mean weighted by row counts.
+mean weighted by the counts of rows that count.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import torch.nn.functional as F
 from feedback_store.datasets import prompt_key
 
 DIMENSIONS = 2**16
+MIN_THUMBS_PER_LABEL = 3
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
 _LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+", re.MULTILINE)
@@ -73,6 +83,12 @@ def features(prompt: str, reply: str) -> list[int]:
     return sorted({_hash(n) for n in names})
 
 
+def two_sided(labels: Sequence[bool]) -> bool:
+    """Whether thumbs with these labels count: at least ``MIN_THUMBS_PER_LABEL`` of each."""
+    ups = sum(bool(label) for label in labels)
+    return min(ups, len(labels) - ups) >= MIN_THUMBS_PER_LABEL
+
+
 def last_user_text(prompt: list[dict]) -> str:
     """The text of the last user message of a conversational prompt ('' when none)."""
     users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
@@ -101,7 +117,8 @@ class ScorerAccuracy:
     """How well the scorer predicts feedback it was not trained on (see the module doc for
     the rules).
 
-    ``thumb_accuracy`` is None without thumbs, ``pair_accuracy`` without pairs,
+    ``thumb_accuracy`` is None without thumbs of both labels (:func:`two_sided`; then
+    ``n_thumbs`` is 0 and the thumbs do not count), ``pair_accuracy`` without pairs,
     ``accuracy`` without either. ``method``: ``"held-out"`` (the held-out split) or
     ``"cross-validated"`` (each row predicted by a scorer trained on the other folds,
     folds by prompt, see :func:`cross_validated_accuracy`)."""
@@ -119,16 +136,15 @@ class ScorerAccuracy:
 
     @classmethod
     def of(cls, outcomes: Outcomes, method: str = "held-out") -> ScorerAccuracy:
-        thumb_acc = None
-        if outcomes.thumbs:
+        thumb_acc, n_t = None, 0
+        if two_sided([label for label, _ in outcomes.thumbs]):
             recalls = []
             for label in (True, False):
                 hits = [right for lab, right in outcomes.thumbs if lab is label]
-                if hits:
-                    recalls.append(sum(hits) / len(hits))
-            thumb_acc = sum(recalls) / len(recalls)
+                recalls.append(sum(hits) / len(hits))
+            thumb_acc, n_t = sum(recalls) / len(recalls), len(outcomes.thumbs)
         pair_acc = sum(outcomes.pairs) / len(outcomes.pairs) if outcomes.pairs else None
-        n_t, n_p = len(outcomes.thumbs), len(outcomes.pairs)
+        n_p = len(outcomes.pairs)
         overall = None
         if n_t or n_p:
             overall = ((thumb_acc or 0.0) * n_t + (pair_acc or 0.0) * n_p) / (n_t + n_p)
@@ -161,7 +177,7 @@ class RewardModel:
         """The linear score ``s(x, y) + b`` of many pairs: the log-odds of a thumbs-up.
         Differences of it are Bradley-Terry log-odds that users prefer one reply to the
         other, whatever share of the thumbs was up; :meth:`scores` squashes them where
-        nearly all thumbs went one way (users who only edit leave only down-votes)."""
+        nearly all thumbs went one way."""
         return self._logits(pairs).tolist()
 
     def accuracy(self, kto_rows: Sequence[dict], dpo_rows: Sequence[dict]) -> ScorerAccuracy:
@@ -214,12 +230,15 @@ def train_reward_model(
     learning_rate: float = 0.1,
     seed: int = 0,
 ) -> RewardModel:
-    """Fit the scorer to TRL thumbs rows and preference rows (see the module doc).
+    """Fit the scorer to TRL thumbs rows and preference rows (see the module doc; thumbs
+    count only when :func:`two_sided`).
 
-    With no rows at all the scorer gives every reply 0.5."""
+    With no rows that count, the scorer gives every reply 0.5."""
     torch.manual_seed(seed)
     weight = torch.zeros(DIMENSIONS, requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
+    if not two_sided([bool(r["label"]) for r in kto_rows]):
+        kto_rows = []
     if not kto_rows and not dpo_rows:
         return RewardModel(weight.detach(), 0.0)
     thumbs = _EmbeddedRows([features(last_user_text(r["prompt"]), _reply_text(r["completion"]))
@@ -229,8 +248,6 @@ def train_reward_model(
     n_down = len(kto_rows) - n_up
     # each label class weighs half of the thumbs, whatever its count
     class_weight = torch.where(labels > 0, 0.5 / n_up.clamp(min=1), 0.5 / n_down.clamp(min=1))
-    if n_up == 0 or n_down == 0:
-        class_weight = torch.full_like(labels, 1 / max(1, len(kto_rows)))
     chosen = _EmbeddedRows([features(last_user_text(r["prompt"]), _reply_text(r["chosen"]))
                             for r in dpo_rows])
     rejected = _EmbeddedRows([features(last_user_text(r["prompt"]), _reply_text(r["rejected"]))

@@ -26,7 +26,12 @@ from retrain.evaluate import (
 )
 from retrain.implicit import implicit_report
 from retrain.modeling import InvalidRowError
-from retrain.reward_model import ScorerAccuracy, cross_validated_accuracy, train_reward_model
+from retrain.reward_model import (
+    ScorerAccuracy,
+    cross_validated_accuracy,
+    train_reward_model,
+    two_sided,
+)
 
 torch.set_num_threads(1)
 
@@ -217,23 +222,26 @@ def test_reward_model_learns_a_rule_and_predicts_held_out_prompts():
     assert model.score(prompt, "rain. whatever.") < 0.3
 
 
-def test_log_odds_keep_a_gain_visible_when_every_thumb_went_one_way():
-    """Users who only edit leave only down-votes (each edited reply) and pairs. Trained on
-    those, the scorer puts most replies deep in the sigmoid's flat tail, where a reply
-    that is better than another by the pairs' measure gains almost nothing in P(thumbs
-    up); in log-odds the gain is whole, and that is what the gate compares."""
+def test_thumbs_of_one_label_neither_train_nor_measure_the_scorer():
+    """Users who only edit leave only down-votes (each edited reply) and pairs. A scorer
+    fitted to the down-votes learns "unlike the disliked replies" and rates any change
+    as a gain, so such thumbs are left out: the pairs alone train it."""
     rng = random.Random(4)
     kto, dpo = _rule_rows(TOPICS[:120], rng)
     downs = [row for row in kto if not row["label"]]
-    model = train_reward_model(downs, dpo)
     prompt = "Tell me about clouds?"
-    better, worse = "It is rain.", "rain. whatever."  # neither as liked as a polite reply
-    p_better, p_worse = model.scores([(prompt, better), (prompt, worse)])
-    z_better, z_worse = model.log_odds([(prompt, better), (prompt, worse)])
-    assert p_better < 0.05 and p_worse < 0.05
-    assert p_better - p_worse < 0.02  # a gain that a lower bound would not see
-    assert z_better - z_worse > 1.0  # the same gain in log-odds
-    assert z_better == pytest.approx(math.log(p_better / (1 - p_better)), abs=1e-3)
+    replies = [(prompt, "It is rain."), (prompt, "rain. whatever."), (prompt, "zebra quartz")]
+    with_downs, pairs_only = train_reward_model(downs, dpo), train_reward_model([], dpo)
+    assert with_downs.log_odds(replies) == pairs_only.log_odds(replies)
+    assert with_downs.bias == 0.0
+    better, worse, _ = pairs_only.log_odds(replies)
+    assert better - worse > 1.0  # the pairs' rule still shows
+    # down-votes alone: no evidence either way, a novel reply gains nothing
+    assert train_reward_model(downs, []).log_odds(replies) == [0.0, 0.0, 0.0]
+    acc = pairs_only.accuracy(downs[:40], dpo[:10])
+    assert (acc.thumb_accuracy, acc.n_thumbs, acc.n_pairs) == (None, 0, 10)
+    assert acc.accuracy == acc.pair_accuracy
+    assert two_sided([True] * 3 + [False] * 50) and not two_sided([True] * 2 + [False] * 50)
 
 
 def test_reward_model_on_random_labels_is_near_chance():
