@@ -51,7 +51,9 @@ def generate_ids(model_dir: Path, messages: list[dict], n: int, **kwargs: object
 
 
 def decode(model_dir: Path, ids: list[int]) -> str:
-    return AutoTokenizer.from_pretrained(model_dir).decode(ids, skip_special_tokens=True)
+    """The text of ``ids`` as served: a decoded NUL is streamed as U+FFFD."""
+    text = AutoTokenizer.from_pretrained(model_dir).decode(ids, skip_special_tokens=True)
+    return text.replace("\x00", "\ufffd")
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def reference(model_dir: Path, adapter: Path | None, n: int = N) -> str:
         CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     out = model.generate(**enc, do_sample=False, max_new_tokens=n)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return text.replace("\x00", "\ufffd")  # as served: a decoded NUL is streamed as U+FFFD
 
 
 @pytest.fixture(scope="module")

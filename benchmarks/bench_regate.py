@@ -1,0 +1,180 @@
+"""Judge again, with the gate of this checkout, every candidate adapter that a
+``bench_alignment.py --work-dir DIR`` run left behind, and set each decision beside the
+truth.
+
+For each run folder of ``DIR`` (``<condition>-<judge>``, its SQLite store and adapter
+versions) and each version in it, the gate's inputs are rebuilt as the retraining worker
+built them (the rows up to the version's ``last_event_id``, split by prompt, edits also
+counted as down-votes; the held-out prompts answered), ``evaluate_behaviour`` and
+``gate_decision`` run with ``GateConfig`` (defaults, or ``--gate NAME=VALUE``), and the
+decision recorded in the version's manifest is shown next to the new one. The prompts
+answered later than the version are among the held-out prompts too, so the gate may draw
+other prompts than it did in the run.
+
+Truth: the judge's score of 4 sampled replies (as served, up to 256 tokens) to each of the
+benchmark's held-out prompts, candidate against its parent (the version serving when it
+was trained, or the base), with the rule of ``bench_gate.py``: better means a rise of at
+least 0.05 and 2 standard errors, within 0.3 nats/token of the base, without more
+degenerate replies. ``--truth-cache FILE`` keeps those samples' scores between runs, so
+two checkouts' gates can be compared on one truth.
+
+    python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alignment.judges import JUDGES  # noqa: E402
+from alignment.prompts import build_prompt_sets  # noqa: E402
+from bench_gate import _truth  # noqa: E402
+from common import machine_note, print_table, write_json  # noqa: E402
+
+
+def _gate_config(items: list[str]) -> Any:
+    from dataclasses import fields
+
+    from retrain.evaluate import GateConfig
+
+    types = {f.name: f.type for f in fields(GateConfig)}
+    values: dict[str, Any] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in types:
+            raise SystemExit(f"--gate: no setting {name!r}")
+        values[name] = int(value) if types[name] in ("int", int) else float(value)
+    return GateConfig(**values)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from feedback_store.datasets import (
+        RowFilter,
+        build_asked_prompts,
+        build_dpo_rows,
+        build_kto_rows,
+    )
+    from feedback_store.store import FeedbackStore
+    from retrain.evaluate import evaluate_behaviour, gate_decision
+
+    torch.set_num_threads(args.threads)
+    config = _gate_config(args.gate)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    heldout = list(build_prompt_sets(args.heldout).heldout)
+    cache: dict[str, Any] = {}
+    if args.truth_cache and args.truth_cache.exists():
+        cache = json.loads(args.truth_cache.read_text())
+    results, rows = [], []
+    for data in sorted(p for p in args.work_dir.iterdir() if (p / "feedback.db").exists()):
+        judge = JUDGES[data.name.split("-", 1)[1]]
+        store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
+
+        def truth(version: str | None, data: Path = data, judge: Any = judge) -> dict:
+            key = f"{data.name}/{version}"
+            if key not in cache:
+                model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+                if version is not None:
+                    model = PeftModel.from_pretrained(model, str(data / "adapters" / version))
+                score, _, kl, degenerate, _, scores = _truth(
+                    model.eval(), tokenizer, heldout, judge, [0.0] * len(heldout), 0.0,
+                    version is not None)
+                cache[key] = {"score": score, "kl": kl, "degenerate": degenerate,
+                              "scores": scores}
+            return cache[key]
+
+        for folder in sorted((data / "adapters").glob("v*")):
+            manifest = json.loads((folder / "manifest.json").read_text())
+            snap = {"up_to_event_id": manifest["last_event_id"],
+                    "eval_fraction": args.eval_fraction}
+            parent = manifest["parent_version"]
+            t0 = time.perf_counter()
+            report = evaluate_behaviour(
+                base_model=args.model, candidate_path=folder,
+                active_path=(data / "adapters" / parent) if parent else None,
+                active_label=parent or "base",
+                train_kto=build_kto_rows(store, RowFilter(split="train", **snap),
+                                         edits_as_votes=True),
+                train_dpo=build_dpo_rows(store, RowFilter(split="train", **snap)),
+                heldout_kto=build_kto_rows(store, RowFilter(split="eval", **snap),
+                                           edits_as_votes=True),
+                heldout_dpo=build_dpo_rows(store, RowFilter(split="eval", **snap)),
+                asked_prompts=build_asked_prompts(store, split="eval",
+                                                  eval_fraction=args.eval_fraction),
+                config=config, beta=manifest["config"]["beta"], device="cpu",
+                max_length=manifest["config"]["max_length"])
+            decision, reasons = gate_decision(report, config)
+            gate_s = time.perf_counter() - t0
+            cand, act = truth(folder.name), truth(parent)
+            diffs = [a - b for a, b in zip(cand["scores"], act["scores"], strict=True)]
+            rise = sum(diffs) / len(diffs)
+            sd = math.sqrt(sum((d - rise) ** 2 for d in diffs) / max(1, len(diffs) - 1))
+            better = (rise >= max(0.05, 2 * sd / math.sqrt(len(diffs))) and cand["kl"] <= 0.3
+                      and cand["degenerate"] <= act["degenerate"] + 0.05)
+            results.append({"run": data.name, "version": folder.name, "parent": parent,
+                            "recorded": manifest["gate"]["decision"], "decision": decision,
+                            "reasons": reasons, "score_diff": report.score_diff,
+                            "score_lower_bound": report.score_lower_bound,
+                            "parent_score": act["score"], "score": cand["score"],
+                            "rise": rise, "kl": cand["kl"], "truth_better": better,
+                            "gate_s": gate_s})
+            bound = ("-" if report.score_lower_bound is None
+                     else f"{report.score_diff:+.3f} / {report.score_lower_bound:+.3f}")
+            rows.append([data.name, folder.name, parent or "base", f"{act['score']:.3f}",
+                         f"{cand['score']:.3f}", f"{rise:+.3f}", "better" if better else "not",
+                         manifest["gate"]["decision"], decision, bound, f"{gate_s:.0f}"])
+            print(f"[{data.name}/{folder.name}] {decision}: {reasons[0][:200]}",
+                  file=sys.stderr, flush=True)
+    if args.truth_cache:
+        args.truth_cache.write_text(json.dumps(cache))
+    print_table(["run", "version", "parent", "parent score", "score", "rise", "truth",
+                 "recorded", "gate now", "diff / bound", "gate s"], rows)
+    better = [r for r in results if r["truth_better"]]
+    summary = {
+        "better_promoted": sum(r["decision"] == "promote" for r in better),
+        "better": len(better),
+        "others_promoted": sum(r["decision"] == "promote" for r in results
+                               if not r["truth_better"]),
+        "others": len(results) - len(better),
+    }
+    print(f"truly better promoted: {summary['better_promoted']} of {summary['better']}; "
+          f"others promoted: {summary['others_promoted']} of {summary['others']}")
+    print(machine_note())
+    return {"gate": vars(config), "results": results, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, required=True,
+                        help="the --work-dir of a bench_alignment.py run")
+    parser.add_argument("--model", help="the run's model folder (default: the demo model, "
+                        "built into ./data when missing)")
+    parser.add_argument("--heldout", type=int, default=24)
+    parser.add_argument("--eval-fraction", type=float, default=0.2)
+    parser.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--truth-cache", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not args.work_dir.is_dir():
+        parser.error(f"no folder {args.work_dir}")
+    if args.model is None:
+        from chat_app.demo_model.build import ensure_demo_model
+
+        args.model = str(ensure_demo_model(Path("data")))
+    write_json(args.json, run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
