@@ -83,15 +83,24 @@ def _truth(model, tokenizer, prompts, judge, base_scores, base_degenerate, is_pe
     replies = sim.sample_replies(model, tokenizer, prompts, 4, seed=4321,
                                  max_new_tokens=_served_tokens())
     scores = [sum(judge.score(p, r) for r in g) / len(g) for p, g in zip(prompts, replies, strict=True)]
-    diffs = [a - b for a, b in zip(scores, base_scores, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1))
+    mean = sum(a - b for a, b in zip(scores, base_scores, strict=True)) / len(scores)
     flat = [r for g in replies for r in g]
     degenerate = sum(map(is_degenerate, flat)) / len(flat)
     kl = sim.kl_from_base(model, tokenizer, prompts, replies) if is_peft else 0.0
-    better = (mean >= max(0.05, 2 * sd / math.sqrt(len(diffs))) and kl <= 0.3
-              and degenerate <= base_degenerate + 0.05)
+    better = truly_better(scores, base_scores, kl, degenerate, base_degenerate)
     return sum(scores) / len(scores), mean, kl, degenerate, better, scores
+
+
+def truly_better(scores: list[float], base_scores: list[float], kl: float, degenerate: float,
+                 base_degenerate: float) -> bool:
+    """The truth's verdict on per-prompt judge ``scores`` against ``base_scores``: a rise
+    of at least 0.05 and 2 standard errors (paired by prompt), KL <= 0.3 nats/token, and
+    no more than 0.05 more degenerate replies."""
+    diffs = [a - b for a, b in zip(scores, base_scores, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1))
+    return (mean >= max(0.05, 2 * sd / math.sqrt(len(diffs))) and kl <= 0.3
+            and degenerate <= base_degenerate + 0.05)
 
 
 MUST_NOT_PROMOTE = ("no-op", "collapsed", "random")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
-from bench_gate import _truth  # noqa: E402
+from bench_gate import _truth, truly_better  # noqa: E402
 from common import machine_note, print_table, write_json  # noqa: E402
 
 
@@ -116,11 +115,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             decision, reasons = gate_decision(report, config)
             gate_s = time.perf_counter() - t0
             cand, act = truth(folder.name), truth(parent)
-            diffs = [a - b for a, b in zip(cand["scores"], act["scores"], strict=True)]
-            rise = sum(diffs) / len(diffs)
-            sd = math.sqrt(sum((d - rise) ** 2 for d in diffs) / max(1, len(diffs) - 1))
-            better = (rise >= max(0.05, 2 * sd / math.sqrt(len(diffs))) and cand["kl"] <= 0.3
-                      and cand["degenerate"] <= act["degenerate"] + 0.05)
+            rise = cand["score"] - act["score"]
+            better = truly_better(cand["scores"], act["scores"], cand["kl"],
+                                  cand["degenerate"], act["degenerate"])
             results.append({"run": data.name, "version": folder.name, "parent": parent,
                             "recorded": manifest["gate"]["decision"], "decision": decision,
                             "reasons": reasons, "score_diff": report.score_diff,
