@@ -15,8 +15,9 @@ Truth: the judge's score of 4 sampled replies (as served, up to 256 tokens) to e
 benchmark's held-out prompts, candidate against its parent (the version serving when it
 was trained, or the base), with the rule of ``bench_gate.py``: better means a rise of at
 least 0.05 and 2 standard errors, within 0.3 nats/token of the base, without more
-degenerate replies. ``--truth-cache FILE`` keeps those samples' scores between runs, so
-two checkouts' gates can be compared on one truth.
+degenerate replies. The control run's candidates (random ratings) are never better: the
+gate must not promote them. ``--truth-cache FILE`` keeps those samples' scores between
+runs (written as they are computed), so two checkouts' gates can be compared on one truth.
 
     python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--json FILE]
 """
@@ -58,14 +59,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback_store.datasets import (
-        RowFilter,
-        build_asked_prompts,
-        build_dpo_rows,
-        build_kto_rows,
-    )
     from feedback_store.store import FeedbackStore
     from retrain.evaluate import evaluate_behaviour, gate_decision
+    from retrain.worker import round_rows
 
     torch.set_num_threads(args.threads)
     config = _gate_config(args.gate)
@@ -76,11 +72,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cache = json.loads(args.truth_cache.read_text())
     results, rows = [], []
     for data in sorted(p for p in args.work_dir.iterdir() if (p / "feedback.db").exists()):
-        judge = JUDGES[data.name.split("-", 1)[1]]
+        # the control's ratings are random: its candidates are random-label ones, which
+        # no judge prefers and the gate must never promote
+        name = data.name.split("-", 1)
+        judge = JUDGES[name[1]] if len(name) == 2 else None
         store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
 
         def truth(version: str | None, data: Path = data, judge: Any = judge) -> dict:
             key = f"{data.name}/{version}"
+            if judge is None:
+                return {"score": float("nan"), "kl": float("nan"), "degenerate": 0.0,
+                        "scores": []}
             if key not in cache:
                 model = AutoModelForCausalLM.from_pretrained(args.model).eval()
                 if version is not None:
@@ -90,34 +92,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     version is not None)
                 cache[key] = {"score": score, "kl": kl, "degenerate": degenerate,
                               "scores": scores}
+                if args.truth_cache:
+                    args.truth_cache.write_text(json.dumps(cache))
             return cache[key]
 
         for folder in sorted((data / "adapters").glob("v*")):
             manifest = json.loads((folder / "manifest.json").read_text())
-            snap = {"up_to_event_id": manifest["last_event_id"],
-                    "eval_fraction": args.eval_fraction}
             parent = manifest["parent_version"]
             t0 = time.perf_counter()
+            rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
             report = evaluate_behaviour(
                 base_model=args.model, candidate_path=folder,
                 active_path=(data / "adapters" / parent) if parent else None,
-                active_label=parent or "base",
-                train_kto=build_kto_rows(store, RowFilter(split="train", **snap),
-                                         edits_as_votes=True),
-                train_dpo=build_dpo_rows(store, RowFilter(split="train", **snap)),
-                heldout_kto=build_kto_rows(store, RowFilter(split="eval", **snap),
-                                           edits_as_votes=True),
-                heldout_dpo=build_dpo_rows(store, RowFilter(split="eval", **snap)),
-                asked_prompts=build_asked_prompts(store, split="eval",
-                                                  eval_fraction=args.eval_fraction),
-                config=config, beta=manifest["config"]["beta"], device="cpu",
+                active_label=parent or "base", **rows.gate_rows(), config=config, beta=manifest["config"]["beta"], device="cpu",
                 max_length=manifest["config"]["max_length"])
             decision, reasons = gate_decision(report, config)
             gate_s = time.perf_counter() - t0
             cand, act = truth(folder.name), truth(parent)
             rise = cand["score"] - act["score"]
-            better = truly_better(cand["scores"], act["scores"], cand["kl"],
-                                  cand["degenerate"], act["degenerate"])
+            better = judge is not None and truly_better(
+                cand["scores"], act["scores"], cand["kl"], cand["degenerate"],
+                act["degenerate"])
             results.append({"run": data.name, "version": folder.name, "parent": parent,
                             "recorded": manifest["gate"]["decision"], "decision": decision,
                             "reasons": reasons, "score_diff": report.score_diff,
@@ -132,8 +127,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          manifest["gate"]["decision"], decision, bound, f"{gate_s:.0f}"])
             print(f"[{data.name}/{folder.name}] {decision}: {reasons[0][:200]}",
                   file=sys.stderr, flush=True)
-    if args.truth_cache:
-        args.truth_cache.write_text(json.dumps(cache))
     print_table(["run", "version", "parent", "parent score", "score", "rise", "truth",
                  "recorded", "gate now", "diff / bound", "gate s"], rows)
     better = [r for r in results if r["truth_better"]]

@@ -114,7 +114,9 @@ class GateConfig:
     max_kl: float = 0.3
     max_degenerate_share: float = 0.2
     max_degenerate_increase: float = 0.05
-    max_prompts: int = 24
+    # 48 rather than 24: the same 30 candidates of a full alignment benchmark, judged
+    # again, 7 of the 8 truly better ones promoted instead of 4 (README, "The gate")
+    max_prompts: int = 48
     samples_per_prompt: int = 4
     temperature: float = 0.7
     top_p: float = 0.95

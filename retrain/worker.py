@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,40 @@ from .publish import data_hash, publish, temp_dir
 log = logging.getLogger("retrain.worker")
 FAULT_ENV = "FEEDBACK_CHAT_RETRAIN_FAULT"
 PARENT_ENV = "FEEDBACK_CHAT_WORKER_PARENT"  # the pid of the process that started the worker
+
+
+@dataclass(frozen=True)
+class RoundRows:
+    """The rows of one round, as of one event: the training split's (to train on and to
+    fit the gate's scorer) and the held-out split's (to check it), edits also counted as
+    their authors' down-votes; and the held-out prompts answered but never rated (the
+    candidate never saw them either)."""
+
+    kto: list[dict]
+    dpo: list[dict]
+    heldout_kto: list[dict]
+    heldout_dpo: list[dict]
+    asked: list[list[dict]]
+
+    def gate_rows(self) -> dict[str, Any]:
+        """The rows as :func:`retrain.evaluate.evaluate_behaviour` takes them."""
+        return {"train_kto": self.kto, "train_dpo": self.dpo,
+                "heldout_kto": self.heldout_kto, "heldout_dpo": self.heldout_dpo,
+                "asked_prompts": self.asked}
+
+
+def round_rows(store: FeedbackStore, last_event_id: int, eval_fraction: float) -> RoundRows:
+    """The :class:`RoundRows` of the feedback up to event ``last_event_id``."""
+    snap = {"up_to_event_id": last_event_id, "eval_fraction": eval_fraction}
+
+    def kto(split: str) -> list[dict]:
+        # an edit is also its author's thumbs-down on the reply they corrected
+        return build_kto_rows(store, RowFilter(split=split, **snap), edits_as_votes=True)
+
+    return RoundRows(
+        kto=kto("train"), dpo=build_dpo_rows(store, RowFilter(split="train", **snap)),
+        heldout_kto=kto("eval"), heldout_dpo=build_dpo_rows(store, RowFilter(split="eval", **snap)),
+        asked=build_asked_prompts(store, split="eval", eval_fraction=eval_fraction))
 
 
 def _watch_parent(settings: RetrainSettings, run_id: int, parent: int,
@@ -115,14 +150,9 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
         gate_cfg = settings.gate_config()
         canary_cfg = settings.canary_config()
         last_event = store.last_event_id() or 0
-        snap = {"up_to_event_id": last_event, "eval_fraction": settings.eval_fraction}
-        # an edit is also its author's thumbs-down on the reply they corrected
-        kto = build_kto_rows(store, RowFilter(split="train", **snap), edits_as_votes=True)
-        dpo = build_dpo_rows(store, RowFilter(split="train", **snap))
-        heldout_kto = build_kto_rows(store, RowFilter(split="eval", **snap), edits_as_votes=True)
-        heldout_dpo = build_dpo_rows(store, RowFilter(split="eval", **snap))
-        # held-out prompts answered but never rated: the candidate never saw them either
-        asked = build_asked_prompts(store, split="eval", eval_fraction=settings.eval_fraction)
+        rows = round_rows(store, last_event, settings.eval_fraction)
+        kto, dpo, heldout_kto, heldout_dpo, asked = (
+            rows.kto, rows.dpo, rows.heldout_kto, rows.heldout_dpo, rows.asked)
         reg.update_run(run_id, kto_rows=len(kto), dpo_rows=len(dpo), last_event_id=last_event,
                        metrics={"heldout_kto_rows": len(heldout_kto),
                                 "heldout_dpo_rows": len(heldout_dpo),
@@ -169,8 +199,7 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             base_model=settings.model, candidate_path=tmp,
             active_path=Path(parent.path) if parent else None,
             active_label=parent.version if parent else "base",
-            train_kto=kto, train_dpo=dpo, heldout_kto=heldout_kto, heldout_dpo=heldout_dpo,
-            asked_prompts=asked, config=gate_cfg, beta=train_cfg.beta, device=settings.device,
+            **rows.gate_rows(), config=gate_cfg, beta=train_cfg.beta, device=settings.device,
             quantize_4bit=settings.quantize_4bit, max_length=train_cfg.max_length)
         decision, reasons = gate_decision(report, gate_cfg)
 

@@ -369,3 +369,39 @@ def test_bad_row_filters_are_refused(sqlite_url: str, flt: RowFilter) -> None:
             build_dpo_rows(store, flt)
     finally:
         store.close()
+
+
+def test_a_rounds_rows_are_the_feedback_up_to_its_event_split_by_prompt(
+    store: FeedbackStore,
+) -> None:
+    import inspect
+
+    from retrain.evaluate import evaluate_behaviour
+    from retrain.worker import round_rows
+
+    fraction = 0.5
+    held_q = next(f"held {i}" for i in range(100) if split_of(f"held {i}", fraction) == "eval")
+    train_q = next(f"train {i}" for i in range(100) if split_of(f"train {i}", fraction) == "train")
+    for question in (held_q, train_q):
+        store.rate(reply_id=one_reply(store, question, "Liked."), rating="up")
+        store.edit_reply(reply_id=one_reply(store, question, "Too long, sorry!"),
+                         content="Short.", user_id="ann")
+    unrated = next(f"unrated {i}" for i in range(100) if split_of(f"unrated {i}", fraction) == "eval")
+    one_reply(store, unrated, "Never rated.")
+    last = store.last_event_id()
+    store.rate(reply_id=one_reply(store, train_q, "Rated later."), rating="down")
+
+    rows = round_rows(store, last, fraction)
+    for kto, dpo, question in ((rows.kto, rows.dpo, train_q),
+                               (rows.heldout_kto, rows.heldout_dpo, held_q)):
+        # the edit is a pair and its author's down-vote; the later vote is not there
+        assert [(r["completion"][0]["content"], r["label"]) for r in kto] == [
+            ("Liked.", True), ("Too long, sorry!", False)]
+        assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in dpo] == [
+            ("Short.", "Too long, sorry!")]
+        assert {prompt_key(r["prompt"]) for r in [*kto, *dpo]} == {
+            prompt_key([msg("user", question)])}
+    assert sorted(prompt_key(p) for p in rows.asked) == sorted(
+        prompt_key([msg("user", q)]) for q in (held_q, unrated))
+    # what the gate is given are parameters of evaluate_behaviour
+    assert set(rows.gate_rows()) <= set(inspect.signature(evaluate_behaviour).parameters)
