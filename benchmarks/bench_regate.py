@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from feedback_store.store import FeedbackStore
     from retrain.evaluate import evaluate_behaviour, gate_decision
-    from retrain.worker import round_rows
+    from retrain.rows import round_rows
 
     torch.set_num_threads(args.threads)
     config = _gate_config(args.gate)

@@ -377,7 +377,7 @@ def test_a_rounds_rows_are_the_feedback_up_to_its_event_split_by_prompt(
     import inspect
 
     from retrain.evaluate import evaluate_behaviour
-    from retrain.worker import round_rows
+    from retrain.rows import round_rows
 
     fraction = 0.5
     held_q = next(f"held {i}" for i in range(100) if split_of(f"held {i}", fraction) == "eval")

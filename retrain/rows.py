@@ -1,0 +1,48 @@
+"""The rows of one retraining round, as the worker builds them and the gate takes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from feedback_store import (
+    FeedbackStore,
+    RowFilter,
+    build_asked_prompts,
+    build_dpo_rows,
+    build_kto_rows,
+)
+
+
+@dataclass(frozen=True)
+class RoundRows:
+    """The rows of one round, as of one event: the training split's (to train on and to
+    fit the gate's scorer) and the held-out split's (to check it), edits also counted as
+    their authors' down-votes; and the held-out prompts answered but never rated (the
+    candidate never saw them either)."""
+
+    kto: list[dict]
+    dpo: list[dict]
+    heldout_kto: list[dict]
+    heldout_dpo: list[dict]
+    asked: list[list[dict]]
+
+    def gate_rows(self) -> dict[str, Any]:
+        """The rows as :func:`retrain.evaluate.evaluate_behaviour` takes them."""
+        return {"train_kto": self.kto, "train_dpo": self.dpo,
+                "heldout_kto": self.heldout_kto, "heldout_dpo": self.heldout_dpo,
+                "asked_prompts": self.asked}
+
+
+def round_rows(store: FeedbackStore, last_event_id: int, eval_fraction: float) -> RoundRows:
+    """The :class:`RoundRows` of the feedback up to event ``last_event_id``."""
+    snap = {"up_to_event_id": last_event_id, "eval_fraction": eval_fraction}
+
+    def kto(split: str) -> list[dict]:
+        # an edit is also its author's thumbs-down on the reply they corrected
+        return build_kto_rows(store, RowFilter(split=split, **snap), edits_as_votes=True)
+
+    return RoundRows(
+        kto=kto("train"), dpo=build_dpo_rows(store, RowFilter(split="train", **snap)),
+        heldout_kto=kto("eval"), heldout_dpo=build_dpo_rows(store, RowFilter(split="eval", **snap)),
+        asked=build_asked_prompts(store, split="eval", eval_fraction=eval_fraction))
