@@ -100,11 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             manifest = json.loads((folder / "manifest.json").read_text())
             parent = manifest["parent_version"]
             t0 = time.perf_counter()
-            rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
+            feedback = round_rows(store, manifest["last_event_id"], args.eval_fraction)
             report = evaluate_behaviour(
                 base_model=args.model, candidate_path=folder,
                 active_path=(data / "adapters" / parent) if parent else None,
-                active_label=parent or "base", **rows.gate_rows(), config=config, beta=manifest["config"]["beta"], device="cpu",
+                active_label=parent or "base", **feedback.gate_rows(), config=config,
+                beta=manifest["config"]["beta"], device="cpu",
                 max_length=manifest["config"]["max_length"])
             decision, reasons = gate_decision(report, config)
             gate_s = time.perf_counter() - t0
