@@ -84,10 +84,10 @@ class GateConfig:
 
     Evidence (below it the candidate is held, neither promoted nor rejected):
     the feedback-trained scorer's accuracy checked on at least ``min_heldout_rows`` rows
-    (the deduplicated held-out rows, or with fewer of them all the rows cross-validated
-    in folds by prompt) and at least ``min_heldout_prompts`` distinct held-out prompts
+    (all the deduplicated rows, cross-validated in folds by prompt) and at least ``min_heldout_prompts`` distinct held-out prompts
     to compare replies on (of held-out rows, or answered there and never rated); that
-    accuracy above ``min_scorer_accuracy`` (else the ratings do not predict
+    accuracy above ``min_scorer_accuracy`` and its lower confidence bound (Wilson,
+    ``confidence_z``) above one half, chance (else the ratings do not predict
     themselves); at least ``min_changed_share`` of the candidate's sampled replies on
     held-out prompts different from the active's drawn with the same seed (else the
     candidate is a near no-op: the few replies that did change can make a paired
@@ -106,7 +106,9 @@ class GateConfig:
     ``top_p``, up to ``max_new_tokens`` tokens, seeded from ``seed``.
     """
 
-    min_heldout_rows: int = 20
+    # 10, not 20: the accuracy's lower bound already asks more of a scorer checked on few
+    # rows (9 of 10 right is enough, 8 is not), and edit-only first rounds have about 20
+    min_heldout_rows: int = 10
     min_heldout_prompts: int = 8
     min_scorer_accuracy: float = 0.6
     min_changed_share: float = 0.1
@@ -204,6 +206,7 @@ class BehaviourReport:
             "scorer_thumb_accuracy": self.scorer.thumb_accuracy,
             "scorer_pair_accuracy": self.scorer.pair_accuracy,
             "scorer_rows": self.scorer.n_rows,
+            "scorer_accuracy_lower_bound": self.scorer.lower_bound(self.confidence_z),
             "score": self.candidate_score, "active/score": self.active_score,
             "score_diff": self.score_diff, "score_lower_bound": self.score_lower_bound,
             "changed_share": self.changed_share,
@@ -259,11 +262,11 @@ def evaluate_behaviour(
     on held-out prompts, as the chat server would answer them.
 
     1. A reward model is trained on ``train_kto`` / ``train_dpo``
-       (:func:`retrain.reward_model.train_reward_model`) and its accuracy measured on
-       ``heldout_kto`` / ``heldout_dpo``; with fewer than ``config.min_heldout_rows``
-       held-out rows that count (thumbs of one label do not), by cross-validation over
-       all the rows instead, in folds by prompt
-       (:func:`retrain.reward_model.cross_validated_accuracy`).
+       (:func:`retrain.reward_model.train_reward_model`). Its accuracy is measured by
+       cross-validation over all the rows, training and held-out, in folds by prompt
+       (:func:`retrain.reward_model.cross_validated_accuracy`): each row predicted by a
+       scorer trained on the rows of other prompts, as the held-out split would be, on
+       five times the rows (thumbs of one label do not count).
     2. The model loads as served (4-bit NF4 on CUDA unless ``quantize_4bit`` says
        otherwise; prompts cut to ``max_input_tokens`` by dropping the oldest turns),
        with both adapters side by side. Each distinct held-out prompt, of the held-out
@@ -287,10 +290,11 @@ def evaluate_behaviour(
     thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
     pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
     reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
-    scorer_acc = reward_model.accuracy(heldout_kto, heldout_dpo)
-    if scorer_acc.n_rows < config.min_heldout_rows:
-        scorer_acc = cross_validated_accuracy([*train_kto, *heldout_kto],
-                                              [*train_dpo, *heldout_dpo], seed=config.seed)
+    # every row checked by a scorer that never saw its prompt, not the held-out split
+    # alone: on the held-out fifth, random ratings read up to 59% and a thumbs rule 58%
+    # (README, "The gate")
+    scorer_acc = cross_validated_accuracy([*train_kto, *heldout_kto],
+                                          [*train_dpo, *heldout_dpo], seed=config.seed)
     prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts,
                                            asked_prompts)
 
@@ -433,8 +437,9 @@ def gate_decision(
 
     holds = []
     acc = r.scorer.accuracy
+    acc_bound = r.scorer.lower_bound(r.confidence_z)
     measured_on = (f"{r.scorer.n_rows} held-out rows" if r.scorer.method == "held-out" else
-                   f"{r.scorer.n_rows} rows cross-validated by prompt (only {r.n_heldout_rows} "
+                   f"{r.scorer.n_rows} rows cross-validated by prompt ({r.n_heldout_rows} "
                    f"held-out)")
     if r.scorer.n_rows < config.min_heldout_rows or r.n_heldout_prompts < config.min_heldout_prompts:
         holds.append(
@@ -442,14 +447,17 @@ def gate_decision(
             f"({r.scorer.n_thumbs} thumbs, {r.scorer.n_pairs} pairs) and there are "
             f"{r.n_heldout_prompts} distinct held-out prompts; the gate needs at least "
             f"{config.min_heldout_rows} rows and {config.min_heldout_prompts} prompts")
-    elif acc is None or acc <= config.min_scorer_accuracy:
-        seen = "no rows to check it on" if acc is None else (
+    elif acc is None or acc_bound is None or acc <= config.min_scorer_accuracy \
+            or acc_bound <= 0.5:
+        seen = "no rows to check it on" if acc is None or acc_bound is None else (
             f"{acc:.0%} of {measured_on} right "
-            f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)})")
+            f"(thumbs {_fmt(r.scorer.thumb_accuracy)}, pairs {_fmt(r.scorer.pair_accuracy)}; "
+            f"{_level(r.confidence_z)} lower bound {acc_bound:.0%})")
         holds.append(
             f"hold: the feedback does not predict itself on held-out prompts: a scorer trained "
             f"on {r.n_train_rows} training rows got {seen}, needs more than "
-            f"{config.min_scorer_accuracy:.0%}: ratings look inconsistent or too few")
+            f"{config.min_scorer_accuracy:.0%} with a lower bound above 50% (chance): "
+            f"ratings look inconsistent or too few")
     samples = f"{r.n_prompts} held-out prompts × {r.samples_per_prompt} samples"
     if r.changed_share is not None and r.changed_share < config.min_changed_share - _EPS:
         holds.append(

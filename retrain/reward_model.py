@@ -121,7 +121,10 @@ class ScorerAccuracy:
     ``n_thumbs`` is 0 and the thumbs do not count), ``pair_accuracy`` without pairs,
     ``accuracy`` without either. ``method``: ``"held-out"`` (the held-out split) or
     ``"cross-validated"`` (each row predicted by a scorer trained on the other folds,
-    folds by prompt, see :func:`cross_validated_accuracy`)."""
+    folds by prompt, see :func:`cross_validated_accuracy`). ``effective_rows``: the
+    number of independent right-or-wrong rows that would measure ``accuracy`` as
+    precisely (balanced thumbs count as ``4 / (1/ups + 1/downs)``, fewer than their
+    number when one label is rare); None: ``n_rows``."""
 
     accuracy: float | None
     thumb_accuracy: float | None
@@ -129,26 +132,44 @@ class ScorerAccuracy:
     n_thumbs: int
     n_pairs: int
     method: str = "held-out"
+    effective_rows: float | None = None
 
     @property
     def n_rows(self) -> int:
         return self.n_thumbs + self.n_pairs
 
+    def lower_bound(self, z: float) -> float | None:
+        """The Wilson score lower bound of ``accuracy`` at ``z`` standard errors over
+        ``effective_rows`` (None without an accuracy): a scorer no better than chance
+        stays under 0.5 however lucky a few rows were."""
+        n = self.n_rows if self.effective_rows is None else self.effective_rows
+        if self.accuracy is None or n <= 0:
+            return None
+        p, z2 = self.accuracy, z * z
+        centre = p + z2 / (2 * n)
+        spread = z * math.sqrt(max(0.0, p * (1 - p) / n + z2 / (4 * n * n)))
+        return (centre - spread) / (1 + z2 / n)
+
     @classmethod
     def of(cls, outcomes: Outcomes, method: str = "held-out") -> ScorerAccuracy:
-        thumb_acc, n_t = None, 0
+        thumb_acc, n_t, eff_t = None, 0, 0.0
         if two_sided([label for label, _ in outcomes.thumbs]):
-            recalls = []
+            recalls, counts = [], []
             for label in (True, False):
                 hits = [right for lab, right in outcomes.thumbs if lab is label]
                 recalls.append(sum(hits) / len(hits))
+                counts.append(len(hits))
             thumb_acc, n_t = sum(recalls) / len(recalls), len(outcomes.thumbs)
+            # a mean of two recalls varies as p(1-p)/4 * (1/ups + 1/downs)
+            eff_t = 4 / sum(1 / c for c in counts)
         pair_acc = sum(outcomes.pairs) / len(outcomes.pairs) if outcomes.pairs else None
         n_p = len(outcomes.pairs)
-        overall = None
+        overall, effective = None, None
         if n_t or n_p:
             overall = ((thumb_acc or 0.0) * n_t + (pair_acc or 0.0) * n_p) / (n_t + n_p)
-        return cls(overall, thumb_acc, pair_acc, n_t, n_p, method)
+            # the overall accuracy weighs the two by their counts; so do their variances
+            effective = (n_t + n_p) ** 2 / ((n_t * n_t / eff_t if n_t else 0.0) + n_p)
+        return cls(overall, thumb_acc, pair_acc, n_t, n_p, method, effective)
 
     def to_dict(self) -> dict:
         return asdict(self)

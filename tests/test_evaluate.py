@@ -27,6 +27,7 @@ from retrain.evaluate import (
 from retrain.implicit import implicit_report
 from retrain.modeling import InvalidRowError
 from retrain.reward_model import (
+    Outcomes,
     ScorerAccuracy,
     cross_validated_accuracy,
     train_reward_model,
@@ -313,6 +314,9 @@ def test_a_no_op_adapter_is_held_not_promoted(tiny: Path, tmp_path: Path, rule_r
     assert report.kl == pytest.approx(0.0, abs=1e-6)
     assert report.score_diff == pytest.approx(0.0, abs=1e-9)  # the very same replies
     assert report.scorer.accuracy > 0.9 and report.n_heldout_rows == 30
+    # checked on every row, each by a scorer that never saw its prompt
+    assert report.scorer.method == "cross-validated"
+    assert report.scorer.n_rows == sum(len(rows) for rows in rule_rows.values())
     assert (report.n_heldout_prompts, report.n_prompts, report.samples_per_prompt) == (10, 6, 3)
     assert report.changed_share == 0.0
     decision, reasons = gate_decision(report, SMALL_GATE)
@@ -421,7 +425,7 @@ def test_gate_holds_without_enough_held_out_evidence_and_gives_the_counts():
     assert decision == "hold"
     assert reasons == [
         "hold: not enough evidence: the scorer was checked on 6 held-out rows (4 thumbs, "
-        "2 pairs) and there are 3 distinct held-out prompts; the gate needs at least 20 rows "
+        "2 pairs) and there are 3 distinct held-out prompts; the gate needs at least 10 rows "
         "and 8 prompts",
         "hold: within the safety limits: KL 0.120 ≤ 0.30 nats/token from the base; "
         "degenerate 0% (v0002 0%)"]
@@ -435,16 +439,47 @@ def test_few_held_out_rows_count_as_evidence_when_the_scorer_is_cross_validated(
                                               n_heldout_prompts=20, scorer=cv))
     assert decision == "promote"
     assert reasons[0].endswith(
-        "scorer accuracy 85% on 40 rows cross-validated by prompt (only 5 held-out)")
+        "scorer accuracy 85% on 40 rows cross-validated by prompt (5 held-out)")
     # the same scorer, but too few prompts to compare replies on
     decision, reasons = gate_decision(_report(n_heldout_thumbs=0, n_heldout_pairs=5,
                                               n_heldout_prompts=5, scorer=cv))
     assert decision == "hold" and reasons[0].startswith("hold: not enough evidence")
     # cross-validation over too few rows is not evidence either
-    few = ScorerAccuracy(0.9, None, 0.9, 0, 12, method="cross-validated")
+    few = ScorerAccuracy(1.0, None, 1.0, 0, 8, method="cross-validated")
     decision, reasons = gate_decision(_report(n_heldout_pairs=3, n_heldout_thumbs=0,
                                               scorer=few))
-    assert decision == "hold" and "checked on 12 rows cross-validated" in reasons[0]
+    assert decision == "hold" and "checked on 8 rows cross-validated" in reasons[0]
+
+
+def test_a_scorer_right_by_luck_on_few_rows_is_not_evidence():
+    """The accuracy's lower bound, not only its value: 9 of 10 pairs right is evidence
+    that the ratings predict themselves, 8 of 10 is not (a coin gives 8 or more one time
+    in 18); balanced thumbs with a rare label count as fewer rows."""
+    nine = ScorerAccuracy(0.9, None, 0.9, 0, 10, method="cross-validated")
+    assert nine.lower_bound(1.96) == pytest.approx(0.596, abs=1e-3)
+    decision, reasons = gate_decision(_report(n_heldout_thumbs=0, n_heldout_pairs=4,
+                                              scorer=nine))
+    assert decision == "promote", reasons
+    eight = ScorerAccuracy(0.8, None, 0.8, 0, 10, method="cross-validated")
+    decision, reasons = gate_decision(_report(n_heldout_thumbs=0, n_heldout_pairs=4,
+                                              scorer=eight))
+    assert decision == "hold"
+    assert reasons[0] == (
+        "hold: the feedback does not predict itself on held-out prompts: a scorer trained on "
+        "200 training rows got 80% of 10 rows cross-validated by prompt (4 held-out) right "
+        "(thumbs n/a, pairs 0.80; 95% lower bound 49%), needs more than 60% with a lower "
+        "bound above 50% (chance): ratings look inconsistent or too few")
+    # 95 up-votes and 5 down-votes, every one predicted right but one down-vote: 90%
+    # balanced accuracy, measured about as precisely as on 19 rows, not 100
+    rare = ScorerAccuracy.of(Outcomes(thumbs=[(True, True)] * 95 + [(False, True)] * 4
+                                      + [(False, False)]))
+    assert (rare.thumb_accuracy, rare.n_thumbs) == (pytest.approx(0.9), 100)
+    assert rare.effective_rows == pytest.approx(19.0)
+    mixed = ScorerAccuracy.of(Outcomes(thumbs=[(True, True)] * 95 + [(False, True)] * 4
+                                       + [(False, False)], pairs=[1.0] * 20))
+    assert mixed.effective_rows == pytest.approx(120 ** 2 / (100 ** 2 / 19 + 20))
+    assert rare.lower_bound(1.96) < mixed.lower_bound(1.96) < ScorerAccuracy(
+        mixed.accuracy, None, None, 100, 20).lower_bound(1.96)
 
 
 def test_gate_holds_when_the_scorer_does_not_predict_held_out_feedback():
