@@ -84,11 +84,11 @@ class GateConfig:
 
     Evidence (below it the candidate is held, neither promoted nor rejected):
     the feedback-trained scorer's accuracy checked on at least ``min_heldout_rows`` rows
-    (all the deduplicated rows, cross-validated in folds by prompt) and at least ``min_heldout_prompts`` distinct held-out prompts
-    to compare replies on (of held-out rows, or answered there and never rated); that
-    accuracy above ``min_scorer_accuracy`` and its lower confidence bound (Wilson,
-    ``confidence_z``) above one half, chance (else the ratings do not predict
-    themselves); at least ``min_changed_share`` of the candidate's sampled replies on
+    (all the deduplicated rows, cross-validated in folds by prompt) and at least
+    ``min_heldout_prompts`` distinct held-out prompts to compare replies on (of held-out
+    rows, or answered there and never rated); that accuracy above
+    ``min_scorer_accuracy`` and its lower confidence bound (Wilson, ``confidence_z``)
+    above one half, chance (else the ratings do not predict themselves); at least ``min_changed_share`` of the candidate's sampled replies on
     held-out prompts different from the active's drawn with the same seed (else the
     candidate is a near no-op: the few replies that did change can make a paired
     comparison look significant while users would hardly see a difference); and the
@@ -107,7 +107,7 @@ class GateConfig:
     """
 
     # 10, not 20: the accuracy's lower bound already asks more of a scorer checked on few
-    # rows (9 of 10 right is enough, 8 is not), and edit-only first rounds have about 20
+    # rows (9 of 10 right is enough, 8 is not), and an edits-only first round has about 20
     min_heldout_rows: int = 10
     min_heldout_prompts: int = 8
     min_scorer_accuracy: float = 0.6
@@ -117,7 +117,8 @@ class GateConfig:
     max_degenerate_share: float = 0.2
     max_degenerate_increase: float = 0.05
     # 48 rather than 24: the same 30 candidates of a full alignment benchmark, judged
-    # again, 7 of the 8 truly better ones promoted instead of 4 (README, "The gate")
+    # again, 7 of the 8 truly better ones promoted instead of 4 (README, "Does the loop
+    # make the model better?")
     max_prompts: int = 48
     samples_per_prompt: int = 4
     temperature: float = 0.7
@@ -292,7 +293,7 @@ def evaluate_behaviour(
     reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
     # every row checked by a scorer that never saw its prompt, not the held-out split
     # alone: on the held-out fifth, random ratings read up to 59% and a thumbs rule 58%
-    # (README, "The gate")
+    # (README, "Does the loop make the model better?")
     scorer_acc = cross_validated_accuracy([*train_kto, *heldout_kto],
                                           [*train_dpo, *heldout_dpo], seed=config.seed)
     prompts, n_distinct = _heldout_prompts(heldout_kto, heldout_dpo, config.max_prompts,
