@@ -6,8 +6,9 @@ SQLite database per run, no adapter at the start, the schedule off) over the dem
 (built once into ``--data-dir`` when no ``--model`` is named). Simulated users (``--users``
 threads, ``httpx``) ask the *train* prompts through ``POST /v1/chat/completions`` at the
 service's default sampling and judge each reply with a ground-truth judge
-(``benchmarks/alignment/judges.py``: concise, calm, on_subject, detailed; fixed in advance,
-never seen by the training). What they send depends on the condition:
+(``benchmarks/alignment/judges.py``: concise, calm, on_subject and detailed, fixed in advance;
+listed and no_filler, added later to check judges the defaults were not chosen on; never seen
+by the training). What they send depends on the condition:
 
 * ``kto``: thumbs only (up when the judge scores >= 0.5, each flipped with ``--flip``);
 * ``dpo``: pairs only: edits of disliked replies (``--edit-share`` of them, the judge's

@@ -17,6 +17,16 @@ judge: it only sees the thumbs, edits and choices the users derive from it.
 * ``detailed`` (length, the other way): ``min(1, words / 30)``. improve: a closing sentence
   that offers more (about 20 words) is added.
 
+Two more, written after the defaults were chosen and never used to choose anything, to check
+that the loop learns tastes it was not tuned on:
+
+* ``listed`` (format): 1.0 when a line of the reply starts a list item (``- ``, ``* `` or
+  ``1. ``), else 0.0. improve: each sentence becomes an item (``- ...`` on its own line).
+* ``no_filler`` (phrase avoidance): 0.0 when the reply has a stock pleasantry (``good
+  question``, ``great question``, ``sure!``, ``happy to help``, ``hope that helps``, ``hope
+  this helps``, ``let me know``), else 1.0. improve: the sentences and openers that hold
+  one are taken out (the reply's first sentence stays when nothing else would).
+
 Words are counted by whitespace-separated tokens.
 """
 
@@ -122,6 +132,44 @@ def detailed_improve(prompt: str, reply: str) -> str:
             "of it in more detail if you would like to know more.")
 
 
+# -------------------------------------------------------------------------------- listed
+
+_LIST_ITEM = re.compile(r"^\s*(?:[-*]|\d+[.)])\s+\S", re.MULTILINE)
+_SENTENCES = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def listed_score(prompt: str, reply: str) -> float:
+    return 1.0 if _LIST_ITEM.search(reply) else 0.0
+
+
+def listed_improve(prompt: str, reply: str) -> str:
+    sentences = [s.strip() for s in _SENTENCES.split(reply.strip()) if s.strip()]
+    return "\n".join("- " + _end_sentence(s) for s in sentences or [reply])
+
+
+# ----------------------------------------------------------------------------- no_filler
+
+FILLERS = ("good question", "great question", "sure!", "happy to help", "hope that helps",
+           "hope this helps", "let me know")
+_FILLER = re.compile("|".join(re.escape(f) for f in FILLERS), re.IGNORECASE)
+# an opener such as "Happy to help: " or "Sure! " before the answer itself
+_FILLER_OPENER = re.compile(r"^(?:good question|great question|sure|happy to help)[.!:,]?\s+",
+                            re.IGNORECASE)
+
+
+def no_filler_score(prompt: str, reply: str) -> float:
+    return 0.0 if _FILLER.search(reply) else 1.0
+
+
+def no_filler_improve(prompt: str, reply: str) -> str:
+    text = _FILLER_OPENER.sub("", reply.strip())
+    kept = [s for s in _SENTENCES.split(text) if s.strip() and not _FILLER.search(s)]
+    if not kept:
+        kept = [_FILLER.sub("", _SENTENCES.split(text)[0]).strip(" .!,:") or "Here it is"]
+    text = " ".join(kept)
+    return _end_sentence(text[:1].upper() + text[1:])
+
+
 @dataclass(frozen=True)
 class Judge:
     name: str
@@ -135,4 +183,6 @@ JUDGES: dict[str, Judge] = {
     "calm": Judge("calm", "style", calm_score, calm_improve),
     "on_subject": Judge("on_subject", "content", on_subject_score, on_subject_improve),
     "detailed": Judge("detailed", "length", detailed_score, detailed_improve),
+    "listed": Judge("listed", "format", listed_score, listed_improve),
+    "no_filler": Judge("no_filler", "phrase", no_filler_score, no_filler_improve),
 }
