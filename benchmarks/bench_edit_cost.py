@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
-from common import machine_note, print_table, write_json  # noqa: E402
+from common import machine_note, model_or_demo, print_table, write_json  # noqa: E402
 
 
 def _nll(model: Any, tokenizer: Any, prompt: str, reply: str) -> tuple[float, int]:
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.model is None:
-        from chat_app.demo_model.build import ensure_demo_model
-
-        args.model = str(ensure_demo_model(Path("data")))
+    args.model = model_or_demo(args.model)
     write_json(args.json, run(args))
     return 0
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_gate import _truth  # noqa: E402
-from common import machine_note, write_json  # noqa: E402
+from common import machine_note, model_or_demo, write_json  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.work_dir / args.run / "feedback.db").exists():
         parser.error(f"no run {args.run!r} in {args.work_dir}")
-    if args.model is None:
-        from chat_app.demo_model.build import ensure_demo_model
-
-        args.model = str(ensure_demo_model(Path("data")))
+    args.model = model_or_demo(args.model)
     write_json(args.json, run(args))
     return 0
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_gate import _truth, truly_better  # noqa: E402
-from common import machine_note, print_table, write_json  # noqa: E402
+from common import machine_note, model_or_demo, print_table, write_json  # noqa: E402
 
 
 def _gate_config(items: list[str]) -> Any:
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.work_dir.is_dir():
         parser.error(f"no folder {args.work_dir}")
-    if args.model is None:
-        from chat_app.demo_model.build import ensure_demo_model
-
-        args.model = str(ensure_demo_model(Path("data")))
+    args.model = model_or_demo(args.model)
     write_json(args.json, run(args))
     return 0
 

@@ -257,6 +257,15 @@ def _status_bytes(field: str) -> int:
 # --------------------------------------------------------------------------------- output
 
 
+def model_or_demo(model: str | None) -> str:
+    """``model``, or the demo model (built into ``./data`` when missing)."""
+    if model is not None:
+        return model
+    from chat_app.demo_model.build import ensure_demo_model
+
+    return str(ensure_demo_model(Path("data")))
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
                 title: str | None = None) -> None:
     """Print ``rows`` under ``headers``: the first column left-aligned, the rest right-aligned.
