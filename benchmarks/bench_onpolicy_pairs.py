@@ -11,7 +11,10 @@ their log-odds differ by more than ``--gap``. A round at the default ``TrainConf
 with ``learning_rate`` ``--rate`` is trained with those pairs in place of the users' pairs
 (the thumbs rows as they were), and judged as ``bench_regate.py`` judges (the judge's
 score of 4 samples on the 24 held-out prompts, KL from the base). With ``--rate`` 5e-4
-(DPO's default) the pairs' effect at the default rate is measured.
+(DPO's default) the pairs' effect at the default rate is measured. With
+``--keep-cheap NATS`` the users' pairs whose edit costs the base at most ``NATS`` per
+token (its NLL of the chosen reply minus that of the rejected one, per token of the
+chosen; ``bench_edit_cost.py``) are kept beside the new pairs.
 
     python benchmarks/bench_onpolicy_pairs.py --work-dir DIR --run dpo-detailed \\
         --version v0002 [--rate 3e-3] [--model DIR] [--json FILE]
@@ -34,6 +37,28 @@ from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_gate import _truth  # noqa: E402
 from common import machine_note, model_or_demo, write_json  # noqa: E402
+
+
+def _pair_cost(model: Any, tokenizer: Any, row: dict) -> float:
+    """The base's NLL of the chosen reply minus that of the rejected one, per token of
+    the chosen."""
+    import torch
+
+    def nll(reply: list[dict]) -> tuple[float, int]:
+        head = tokenizer.apply_chat_template(row["prompt"], tokenize=False,
+                                             add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False)
+        start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        values = -logps[torch.arange(len(targets)), targets][start - 1:]
+        return values.sum().item(), len(values)
+
+    chosen, n = nll(row["chosen"])
+    rejected, _ = nll(row["rejected"])
+    return (chosen - rejected) / n
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,11 +103,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(rows.kto)} thumbs rows, {len(rows.dpo)} users' pairs on {len(prompts)} "
           f"prompts; {len(pairs)} pairs of the base's replies, the judge agreeing on "
           f"{judge_agrees}", file=sys.stderr, flush=True)
+    kept = []
+    if args.keep_cheap is not None:
+        kept = [r for r in rows.dpo if _pair_cost(base, tokenizer, r) <= args.keep_cheap]
+        print(f"{len(kept)} of the users' pairs cost at most {args.keep_cheap:g} nats/token: "
+              "kept", file=sys.stderr, flush=True)
     heldout = list(build_prompt_sets(24).heldout)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train_round(base_model=args.model, parent_adapter=None, kto_rows=rows.kto,
-                             dpo_rows=pairs, out_dir=Path(tmp) / "adapter", config=config,
+                             dpo_rows=kept + pairs, out_dir=Path(tmp) / "adapter", config=config,
                              probe_messages=probes)
         seconds = time.perf_counter() - t0
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model),
@@ -93,13 +123,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = {"run": args.run, "version": args.version, "rate": args.rate,
            "thumbs_rows": len(rows.kto), "users_pairs": len(rows.dpo),
            "own_reply_pairs": len(pairs), "judge_agrees": judge_agrees,
+           "keep_cheap": args.keep_cheap, "users_pairs_kept": len(kept),
            "base_score": base_score, "score": score, "kl": kl, "degenerate": degenerate,
            "train_seconds": seconds,
            "train_metrics": {k: v for k, v in result.metrics.items()
                              if k.endswith(("steps", "kl_sampled", "kl_backoffs"))}}
     print(f"{args.run} {args.version}: judge {score:.3f} (base {base_score:.3f}) at KL "
           f"{kl:.3f}, degenerate {degenerate:.0%}; {len(pairs)} pairs of the model's own "
-          f"replies, DPO rate {args.rate:g}, {seconds:.0f} s")
+          f"replies and {len(kept)} of the users', DPO rate {args.rate:g}, {seconds:.0f} s")
     print(machine_note())
     return out
 
@@ -114,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3e-3, help="the DPO phase's rate")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--gap", type=float, default=0.5)
+    parser.add_argument("--keep-cheap", type=float, metavar="NATS",
+                        help="keep the users' pairs that cost the base at most NATS per token")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
