@@ -30,15 +30,14 @@ from alignment.prompts import build_prompt_sets  # noqa: E402
 from common import machine_note, model_or_demo, print_table, write_json  # noqa: E402
 
 
-def _nll(model: Any, tokenizer: Any, prompt: str, reply: str) -> tuple[float, int]:
-    """The base's summed NLL of ``reply`` (and its end) after ``prompt``, and its tokens."""
+def _nll(model: Any, tokenizer: Any, messages: list[dict], reply: str) -> tuple[float, int]:
+    """The base's summed NLL of ``reply`` (and its end) after the chat ``messages``, and
+    its tokens."""
     import torch
-    from alignment.sim import chat
 
-    head = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True,
-                                         tokenize=False)
+    head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(
-        [*chat(prompt), {"role": "assistant", "content": reply}], tokenize=False)
+        [*messages, {"role": "assistant", "content": reply}], tokenize=False)
     start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
     ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -48,11 +47,20 @@ def _nll(model: Any, tokenizer: Any, prompt: str, reply: str) -> tuple[float, in
     return nll.sum().item(), len(nll)
 
 
+def edit_cost(model: Any, tokenizer: Any, messages: list[dict], edit: str,
+              original: str) -> float:
+    """The base's NLL of ``edit`` minus that of ``original`` after ``messages``, per
+    token of the edit (nats/token)."""
+    edit_nll, n = _nll(model, tokenizer, messages, edit)
+    original_nll, _ = _nll(model, tokenizer, messages, original)
+    return (edit_nll - original_nll) / n
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import random
 
     import torch
-    from alignment.sim import sample_replies
+    from alignment.sim import chat, sample_replies
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -71,9 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 edit = judge.improve(prompt, reply)
                 if edit == reply:
                     continue
-                edit_nll, n = _nll(model, tokenizer, prompt, edit)
-                reply_nll, _ = _nll(model, tokenizer, prompt, reply)
-                costs.append((edit_nll - reply_nll) / n)
+                costs.append(edit_cost(model, tokenizer, chat(prompt), edit, reply))
                 old = set(reply.lower().split())
                 words = edit.lower().split()
                 new_shares.append(sum(w not in old for w in words) / max(1, len(words)))

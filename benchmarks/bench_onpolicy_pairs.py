@@ -35,30 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
+from bench_edit_cost import edit_cost  # noqa: E402
 from bench_gate import _truth  # noqa: E402
 from common import machine_note, model_or_demo, write_json  # noqa: E402
-
-
-def _pair_cost(model: Any, tokenizer: Any, row: dict) -> float:
-    """The base's NLL of the chosen reply minus that of the rejected one, per token of
-    the chosen."""
-    import torch
-
-    def nll(reply: list[dict]) -> tuple[float, int]:
-        head = tokenizer.apply_chat_template(row["prompt"], tokenize=False,
-                                             add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(row["prompt"] + reply, tokenize=False)
-        start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-        targets = ids[0, 1:]
-        values = -logps[torch.arange(len(targets)), targets][start - 1:]
-        return values.sum().item(), len(values)
-
-    chosen, n = nll(row["chosen"])
-    rejected, _ = nll(row["rejected"])
-    return (chosen - rejected) / n
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{judge_agrees}", file=sys.stderr, flush=True)
     kept = []
     if args.keep_cheap is not None:
-        kept = [r for r in rows.dpo if _pair_cost(base, tokenizer, r) <= args.keep_cheap]
+        kept = [r for r in rows.dpo if edit_cost(base, tokenizer, r["prompt"], r["chosen"][0]["content"],
+                                   r["rejected"][0]["content"]) <= args.keep_cheap]
         print(f"{len(kept)} of the users' pairs cost at most {args.keep_cheap:g} nats/token: "
               "kept", file=sys.stderr, flush=True)
     heldout = list(build_prompt_sets(24).heldout)
