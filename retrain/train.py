@@ -128,7 +128,7 @@ class TrainConfig:
 
     beta: float = 0.5
     dpo_loss_type: str = "sigmoid"
-    learning_rate: float = 5e-4
+    learning_rate: float = 3e-3
     kto_learning_rate: float | None = 3e-3
     kto_steps: int = 150
     dpo_steps: int = 150
@@ -159,6 +159,10 @@ class TrainConfig:
     kl_probe_tokens: int = 256
     start_from: str = "base"
     processes: int = 1
+    refresh_pairs: bool = True
+    pair_cost_limit: float = 1.5
+    pair_samples: int = 4
+    pair_gap: float = 0.5
 
     def validate(self) -> None:
         """Raise one ValueError that lists every problem, or return None."""
@@ -174,6 +178,12 @@ class TrainConfig:
             problems.append(f"sft_weight must be a finite number >= 0, got {self.sft_weight!r}")
         if self.kl_budget is not None and not _is_pos(self.kl_budget):
             problems.append(f"kl_budget must be None or a finite number > 0, got {self.kl_budget!r}")
+        if not isinstance(self.pair_cost_limit, int | float) \
+                or isinstance(self.pair_cost_limit, bool) or math.isnan(self.pair_cost_limit):
+            problems.append(f"pair_cost_limit must be a number, got {self.pair_cost_limit!r}")
+        if not isinstance(self.pair_gap, int | float) or isinstance(self.pair_gap, bool) \
+                or not 0 <= self.pair_gap < math.inf:
+            problems.append(f"pair_gap must be a finite number >= 0, got {self.pair_gap!r}")
         if self.start_from not in START_FROM:
             problems.append(f"start_from must be one of {START_FROM}, got {self.start_from!r}")
         if self.dpo_loss_type not in DPO_LOSS_TYPES:
@@ -185,7 +195,8 @@ class TrainConfig:
                 problems.append(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         for name, low in (("batch_size", 1), ("max_length", 2), ("lora_r", 1), ("log_every", 1),
                           ("kl_check_every", 1), ("kl_patience", 1), ("kl_probe_prompts", 1),
-                          ("kl_probe_samples", 1), ("kl_probe_tokens", 1), ("processes", 1)):
+                          ("kl_probe_samples", 1), ("kl_probe_tokens", 1), ("processes", 1),
+                          ("pair_samples", 2)):
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 problems.append(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
         if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
@@ -208,6 +219,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not _is_pos(value):
                 problems.append(f"{name} must be None or a finite number > 0, got {value!r}")
+        if self.refresh_pairs not in (True, False):
+            problems.append(f"refresh_pairs must be True or False, got {self.refresh_pairs!r}")
         for name in ("quantize_4bit", "gradient_checkpointing"):
             if getattr(self, name) not in (None, True, False):
                 problems.append(f"{name} must be None, True or False, got {getattr(self, name)!r}")
@@ -257,6 +270,14 @@ class World:
         if self.size > 1:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value`` (any picklable object), in every process."""
+        if self.size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         if self.size == 1:
@@ -653,8 +674,28 @@ def run_round(
     probes = (probe_messages or probe_prompts(kto_rows + dpo_rows, config.kl_probe_prompts,
                                               config.seed))[: config.kl_probe_prompts]
     kto = modeling.encode_kto_rows(tokenizer, kto_rows)
+    modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)  # validate
+    dpo_rows, pair_metrics = _round_pairs(model, tokenizer, kto_rows, dpo_rows, config)
     dpo = modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)
-    return _run_phases(model, tokenizer, kto, dpo, config, progress, probes)
+    result = _run_phases(model, tokenizer, kto, dpo, config, progress, probes)
+    result.metrics.update(pair_metrics)
+    return result
+
+
+def _round_pairs(model: Any, tokenizer: Any, kto_rows: list[dict], dpo_rows: list[dict],
+                 config: TrainConfig, world: World = ONE_PROCESS
+                 ) -> tuple[list[dict], dict[str, float]]:
+    """The DPO rows the round trains on (:func:`retrain.onpolicy.refresh_pairs`), the
+    same in every process (the main process's); the users' pairs as given when nothing
+    is left of them."""
+    from retrain.onpolicy import refresh_pairs
+
+    if world.main:
+        rows, metrics = refresh_pairs(model, tokenizer, kto_rows, dpo_rows, config)
+    rows, metrics = world.broadcast((rows, metrics) if world.main else None)
+    if dpo_rows and not rows:
+        return dpo_rows, {**metrics, "pairs/as_given": 1.0}
+    return rows, metrics
 
 
 def _run_phases(
@@ -770,7 +811,7 @@ def train_round(
     start = time.perf_counter()
     tokenizer = modeling.load_tokenizer(base_model)
     kto = modeling.encode_kto_rows(tokenizer, kto_rows)
-    dpo = modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)
+    modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)  # validate
     torch.manual_seed(config.seed)  # the fresh LoRA's A matrices are drawn here
     lora = modeling.fresh_lora_config(
         r=config.lora_r,
@@ -790,7 +831,10 @@ def train_round(
     )
     probes = (probe_messages or probe_prompts(kto_rows + dpo_rows, config.kl_probe_prompts,
                                               config.seed))[: config.kl_probe_prompts]
+    dpo_rows, pair_metrics = _round_pairs(model, tokenizer, kto_rows, dpo_rows, config, world)
+    dpo = modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)
     result = _run_phases(model, tokenizer, kto, dpo, config, progress, probes, world)
+    result.metrics.update(pair_metrics)
     if world.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out_dir))

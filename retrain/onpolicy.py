@@ -1,0 +1,134 @@
+"""The DPO rows a round trains on: the users' pairs the model can reach, and pairs of the
+model's own replies ranked by a scorer learned from the feedback.
+
+Why: DPO moves the model toward the chosen reply of each pair, but the round may move
+only within its KL budget (0.15 nats/token of sampled replies). A user's edit that the
+model would hardly ever say costs it several nats per token (on the demo model, an edit
+that adds detail 6.2, one that brings the reply back to the subject 4.0; one that drops
+filler -0.1, one that makes a list 0.6: ``benchmarks/bench_edit_cost.py``). Training
+toward those, the phase reaches the budget long before the sampled replies change, and
+the saved adapter barely moved (README, "Why edits fail where they fail").
+
+So, per round (:func:`refresh_pairs`):
+
+1. The **cost** of each users' pair is the reference model's NLL of the chosen reply
+   minus that of the rejected one, per token of the chosen (nats/token). Pairs that cost
+   at most ``TrainConfig.pair_cost_limit`` are kept as they are.
+2. For each distinct prompt of the users' pairs, the model as it starts the round
+   samples ``pair_samples`` replies as served (temperature 0.7, top-p 0.95, up to
+   ``kl_probe_tokens`` tokens). A scorer fitted to the round's thumbs and pairs
+   (:func:`retrain.reward_model.train_reward_model`, the gate's kind) ranks them; the
+   best and the worst become a pair when their log-odds of a thumbs-up differ by more
+   than ``pair_gap``. These pairs say what users asked for in words the model already
+   uses, so DPO can move toward them within the budget.
+
+The costly users' pairs still count: their rejected replies are thumbs-down in the KTO
+phase (the worker's ``edits_as_votes``), and they train the scorer that ranks the new
+pairs. ``refresh_pairs`` off (``TrainConfig.refresh_pairs``) trains on the users' pairs
+as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from retrain import modeling, sampling
+from retrain.budget import PROBE_TEMPERATURE, PROBE_TOP_P
+from retrain.losses import sequence_logps
+from retrain.reward_model import last_user_text, train_reward_model
+
+
+def pair_costs(model: Any, tokenizer: Any, rows: Sequence[dict], *, max_length: int,
+               batch_size: int) -> list[float]:
+    """Per pair row: the reference's (the adapter disabled) NLL of the chosen reply
+    minus its NLL of the rejected one, per token of the chosen reply (nats/token)."""
+    if not rows:
+        return []
+    examples = modeling.encode_dpo_rows(tokenizer, rows, max_length=max_length)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    costs: list[float] = []
+    with modeling.reference_mode(model):
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo:lo + batch_size]
+            turns = [(e.chosen.prompt_ids, e.chosen.completion_ids) for e in chunk]
+            turns += [(e.rejected.prompt_ids, e.rejected.completion_ids) for e in chunk]
+            batch = modeling.collate(turns, pad_id=pad, max_length=max_length, device=device)
+            logps = sequence_logps(modeling.forward_logits(model, batch), batch.labels)
+            n = len(chunk)
+            tokens = (batch.labels[:n] != -100).sum(dim=1).clamp(min=1)
+            costs += ((logps[n:] - logps[:n]) / tokens).float().tolist()
+    return costs
+
+
+def own_reply_pairs(model: Any, tokenizer: Any, prompts: Sequence[list[dict]], scorer: Any, *,
+                    samples: int, gap: float, max_new_tokens: int, max_prompt_tokens: int,
+                    seed: int) -> list[dict]:
+    """For each chat prompt, ``samples`` replies of ``model`` (its adapter on) as served;
+    the one ``scorer`` rates highest and the one it rates lowest as a pair row, when
+    their log-odds differ by more than ``gap`` and their texts differ."""
+    if not prompts:
+        return []
+    ids = [sampling.encode_prompt(tokenizer, list(p), max_prompt_tokens) for p in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            replies = sampling.sample_replies(
+                model, ids, samples, temperature=PROBE_TEMPERATURE, top_p=PROBE_TOP_P,
+                max_new_tokens=max_new_tokens, stop_ids=sampling.stop_token_ids(model, tokenizer),
+                seed=seed)
+    finally:
+        model.train(was_training)
+    rows = []
+    for messages, group in zip(prompts, replies, strict=True):
+        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in group]
+        texts = [t for t in texts if t]
+        if len(texts) < 2:
+            continue
+        user = last_user_text(list(messages))
+        odds = scorer.log_odds([(user, t) for t in texts])
+        hi = max(range(len(texts)), key=odds.__getitem__)
+        lo = min(range(len(texts)), key=odds.__getitem__)
+        if odds[hi] - odds[lo] <= gap or texts[hi] == texts[lo]:
+            continue
+        rows.append({"prompt": list(messages),
+                     "chosen": [{"role": "assistant", "content": texts[hi]}],
+                     "rejected": [{"role": "assistant", "content": texts[lo]}]})
+    return rows
+
+
+def _distinct_prompts(rows: Sequence[dict]) -> list[list[dict]]:
+    seen: dict[str, list[dict]] = {}
+    for row in rows:
+        key = repr([(m["role"], m["content"]) for m in row["prompt"]])
+        seen.setdefault(key, row["prompt"])
+    return [seen[k] for k in sorted(seen)]
+
+
+def refresh_pairs(model: Any, tokenizer: Any, kto_rows: Sequence[dict],
+                  dpo_rows: Sequence[dict], config: Any) -> tuple[list[dict], dict[str, float]]:
+    """The round's DPO rows (module doc): the users' pairs that cost the reference at most
+    ``config.pair_cost_limit`` nats/token, then pairs of ``model``'s own replies ranked by
+    a scorer fitted to ``kto_rows``/``dpo_rows``. Returns the rows and figures for the
+    round's metrics (``pairs/...``)."""
+    if not config.refresh_pairs or not dpo_rows:
+        return list(dpo_rows), {}
+    costs = pair_costs(model, tokenizer, dpo_rows, max_length=config.max_length,
+                       batch_size=config.batch_size)
+    kept = [row for row, cost in zip(dpo_rows, costs, strict=True)
+            if cost <= config.pair_cost_limit]
+    scorer = train_reward_model(kto_rows, dpo_rows, seed=config.seed)
+    own = own_reply_pairs(
+        model, tokenizer, _distinct_prompts(dpo_rows), scorer, samples=config.pair_samples,
+        gap=config.pair_gap, max_new_tokens=config.kl_probe_tokens,
+        max_prompt_tokens=max(1, config.max_length - config.kl_probe_tokens),
+        seed=config.seed + 1)
+    ordered = sorted(costs)
+    metrics = {"pairs/users": float(len(dpo_rows)), "pairs/users_kept": float(len(kept)),
+               "pairs/own": float(len(own)),
+               "pairs/users_median_cost": ordered[len(ordered) // 2]}
+    return kept + own, metrics
