@@ -1,6 +1,6 @@
 """A round trained on pairs of the model's own replies, ranked by the feedback-trained
-scorer, against the same round trained on the users' edits (an experiment, not the
-default).
+scorer, against the same round trained on the users' edits (the experiment that led to
+``retrain.onpolicy``, the default now; here each step can be varied on its own).
 
 From one candidate that a ``bench_alignment.py --work-dir DIR`` run left (``--run``, e.g.
 ``dpo-detailed``, and ``--version``), the round's rows are rebuilt as the retraining
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
     store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
     rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
-    config = replace(TrainConfig(), learning_rate=args.rate)
+    # the pairs are built here, so the trainer's own refresh (the default since) is off
+    config = replace(TrainConfig(), learning_rate=args.rate, refresh_pairs=False)
     probes = probe_prompts([*rows.heldout_kto, *rows.heldout_dpo,
                             *({"prompt": p} for p in rows.asked)],
                            config.kl_probe_prompts, config.seed)

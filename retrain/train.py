@@ -62,8 +62,10 @@ class TrainConfig:
     and the in-process rounds of ``tests/test_learning.py`` on the demo model (README,
     "Does the loop make the model better?"), where they were measured:
 
-    - ``learning_rate`` 5e-4 with ``batch_size`` 8 for up to ``epochs`` 10 (at most
-      ``kto_steps``/``dpo_steps`` 150): the old 5e-5 for at most 50 steps of 4 left the
+    - ``learning_rate`` (DPO's) 3e-3 with ``batch_size`` 8 for up to ``epochs`` 10 (at
+      most ``kto_steps``/``dpo_steps`` 150); it was 5e-4 until the DPO rows became the
+      pairs the model can reach (``refresh_pairs``, below). The old 5e-5 for at most 50
+      steps of 4 left the
       sampled replies exactly as the base's (KL 0.0000 nats/token on held-out prompts),
       and without a budget 1e-3 reached the judge's ceiling but at KL 1.9 with replies
       cut mid-sentence.
@@ -73,9 +75,18 @@ class TrainConfig:
       the content judge (``on_subject``) changed nothing in any round. In process, 976
       thumbs of that judge, 150 steps (held-out score, base 0.312, best-of-8 0.542):
       5e-4 gave 0.323 (KL 0.007); 3e-3 gave 0.401 (KL 0.077; 0.359 at KL 0.034 with
-      another seed); 2e-3 needed 300 steps for 0.391. DPO keeps 5e-4: at 3e-3 its
-      sampled KL passed the budget within 10 steps (``concise``, 47 edit pairs), and
-      KTO at 4e-3 did the same; the budget's back-off (below) covers such overshoots.
+      another seed); 2e-3 needed 300 steps for 0.391. KTO at 4e-3 passed the budget
+      within 10 steps; the budget's back-off (below) covers such overshoots.
+    - ``refresh_pairs`` on, ``pair_cost_limit`` 1.5, ``pair_samples`` 4, ``pair_gap``
+      0.5 (:mod:`retrain.onpolicy`): DPO trains on the users' pairs that cost the base
+      at most 1.5 nats/token and on pairs of the model's own replies ranked by a scorer
+      fitted to the feedback, at 3e-3. On the users' edits as given, DPO moved nothing
+      where edits cost the base 4-6 nats/token (``detailed``, round 2 of the alignment
+      benchmark: 0.548 against the base's 0.541 at 5e-4; 1e-3 or an NLL weight of 3
+      did no better), because the KL budget is spent long before the replies change.
+      The same round's rows refreshed: 0.716 at KL 0.033. At 5e-4 the refreshed pairs
+      moved nothing (0.558, KL 0.004); at 3e-3 the users' edits alone overshot the
+      budget within 10 steps (``concise``, 47 edit pairs).
     - ``beta`` 0.5: with 0.1 the same round moved the judge score 57% of the way to the
       best-of-8 ceiling at KL 0.08; with 0.5, 78% at KL 0.04. A larger beta makes KTO's
       and DPO's sigmoids saturate after a smaller log-ratio, so an example that is

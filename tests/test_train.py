@@ -46,7 +46,7 @@ TRAIN_TOPICS = [
     "coffee",
 ]
 HELDOUT_TOPICS = ["a city", "the night", "school", "a garden", "winter", "trees"]
-FAST = TrainConfig(learning_rate=1e-3, kto_steps=4, dpo_steps=4, batch_size=4, log_every=2)
+FAST = TrainConfig(refresh_pairs=False, learning_rate=1e-3, kto_steps=4, dpo_steps=4, batch_size=4, log_every=2)
 
 
 def polite(topic: str) -> str:
@@ -134,7 +134,7 @@ def test_saved_adapter_loads_with_peft_and_changes_the_model(tiny: Path, tmp_pat
         tiny,
         out,
         dpo_rows=dpo_rows(TRAIN_TOPICS),
-        config=TrainConfig(learning_rate=1e-3, dpo_steps=3, lora_r=4, lora_alpha=8),
+        config=TrainConfig(refresh_pairs=False, learning_rate=1e-3, dpo_steps=3, lora_r=4, lora_alpha=8),
     )
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
@@ -159,7 +159,7 @@ def test_dpo_round_raises_heldout_preference_margin(tiny: Path, tmp_path: Path):
         tiny,
         out,
         dpo_rows=dpo_rows(TRAIN_TOPICS),
-        config=TrainConfig(learning_rate=1e-3, dpo_steps=20, epochs=10),
+        config=TrainConfig(refresh_pairs=False, learning_rate=1e-3, dpo_steps=20, epochs=10),
     )
     after = implicit_report(adapter_path=out, **common)
 
@@ -182,7 +182,7 @@ def test_kto_round_raises_heldout_thumb_separation(tiny: Path, tmp_path: Path):
     out = tmp_path / "kto"
     train = kto_rows(TRAIN_TOPICS) + kto_rows(list(reversed(TRAIN_TOPICS)))
     _round(
-        tiny, out, kto_rows=train, config=TrainConfig(learning_rate=1e-3, kto_steps=20, epochs=10)
+        tiny, out, kto_rows=train, config=TrainConfig(refresh_pairs=False, learning_rate=1e-3, kto_steps=20, epochs=10)
     )
     after = implicit_report(adapter_path=out, **common)
 
@@ -198,7 +198,7 @@ def test_a_rate_too_high_for_the_kl_budget_backs_off_instead_of_ending_the_round
     the last weights within budget and halves its rate; without back-offs the same run
     of checks ends the phase, and either way the saved adapter is within budget."""
     train = kto_rows(TRAIN_TOPICS) + kto_rows(list(reversed(TRAIN_TOPICS)))
-    hot = TrainConfig(kto_learning_rate=5e-2, kto_steps=24, min_steps=24, batch_size=4,
+    hot = TrainConfig(refresh_pairs=False, kto_learning_rate=5e-2, kto_steps=24, min_steps=24, batch_size=4,
                       kl_budget=0.02, kl_check_every=2, kl_patience=1, kl_probe_prompts=4,
                       kl_probe_samples=2, kl_probe_tokens=12, warmup_ratio=0.0)
     backed = _round(tiny, tmp_path / "backed", kto_rows=train, config=hot)
@@ -240,7 +240,7 @@ def test_round_starts_from_the_parent_adapter_and_keeps_its_shape(tiny: Path, tm
         tiny,
         parent,
         dpo_rows=dpo_rows(TRAIN_TOPICS),
-        config=TrainConfig(learning_rate=1e-3, dpo_steps=10, lora_r=8, lora_alpha=16),
+        config=TrainConfig(refresh_pairs=False, learning_rate=1e-3, dpo_steps=10, lora_r=8, lora_alpha=16),
     )
     rows = dpo_rows(TRAIN_TOPICS[:4])
     tokenizer = modeling.load_tokenizer(tiny)
@@ -255,7 +255,7 @@ def test_round_starts_from_the_parent_adapter_and_keeps_its_shape(tiny: Path, tm
         child,
         parent_adapter=parent,
         dpo_rows=rows,
-        config=TrainConfig(learning_rate=1e-3, dpo_steps=3, lora_r=16, start_from="parent"),
+        config=TrainConfig(refresh_pairs=False, learning_rate=1e-3, dpo_steps=3, lora_r=16, start_from="parent"),
     )
 
     first = result.history[0]
@@ -290,6 +290,7 @@ def test_edge_rounds_run_and_stay_finite(tiny: Path, tmp_path: Path, kind: str):
         "all_thumbs_down": {"kto_rows": [r | {"label": False} for r in kto_rows(TRAIN_TOPICS)]},
     }[kind]
     config = TrainConfig(
+        refresh_pairs=False,
         learning_rate=1e-3,
         kto_steps=5,
         dpo_steps=5,
@@ -361,19 +362,19 @@ def test_same_seed_gives_the_same_adapter(tiny: Path, tmp_path: Path):
 
 
 def test_phase_steps_stop_after_the_configured_epochs_but_not_before_min_steps():
-    config = TrainConfig(batch_size=4, epochs=3.0, min_steps=0)
+    config = TrainConfig(refresh_pairs=False, batch_size=4, epochs=3.0, min_steps=0)
     assert phase_steps(2, config, 50) == 3  # one batch per epoch
     assert phase_steps(10, config, 50) == 9  # three batches per epoch
     assert phase_steps(1000, config, 50) == 50  # the step bound wins
     assert phase_steps(0, config, 50) == 0
-    floor = TrainConfig(batch_size=4, epochs=3.0, min_steps=20)
+    floor = TrainConfig(refresh_pairs=False, batch_size=4, epochs=3.0, min_steps=20)
     assert phase_steps(2, floor, 50) == 20  # few rows: the floor
     assert phase_steps(40, floor, 50) == 30  # enough rows: the epochs
     assert phase_steps(2, floor, 12) == 12  # the step bound still wins
     assert phase_steps(0, floor, 50) == 0  # no rows, no phase
     assert TrainConfig().min_steps == 60
     with pytest.raises(ValueError, match="min_steps"):
-        TrainConfig(min_steps=-1).validate()
+        TrainConfig(refresh_pairs=False, min_steps=-1).validate()
 
 
 def test_batches_never_repeat_a_row_and_every_epoch_is_a_permutation():
@@ -399,13 +400,14 @@ def test_empty_round_and_zero_steps_raise_value_error(tiny: Path, tmp_path: Path
         _round(tiny, tmp_path / "x")
     with pytest.raises(ValueError, match="nothing to train"):
         _round(
-            tiny, tmp_path / "y", kto_rows=kto_rows(TRAIN_TOPICS), config=TrainConfig(kto_steps=0)
+            tiny, tmp_path / "y", kto_rows=kto_rows(TRAIN_TOPICS), config=TrainConfig(refresh_pairs=False, kto_steps=0)
         )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_config_validate_lists_every_problem():
     bad = TrainConfig(
+        refresh_pairs=False,
         beta=0.0,
         dpo_loss_type="hinge",
         batch_size=0,
@@ -475,7 +477,7 @@ def test_four_bit_on_the_cpu_is_refused(tiny: Path, tmp_path: Path):
             tiny,
             tmp_path / "q",
             kto_rows=kto_rows(TRAIN_TOPICS),
-            config=TrainConfig(quantize_4bit=True, device="cpu"),
+            config=TrainConfig(refresh_pairs=False, quantize_4bit=True, device="cpu"),
         )
 
 
@@ -558,7 +560,7 @@ def test_qlora_round_on_cuda_trains_a_4bit_base(tiny: Path, tmp_path: Path):
         out,
         kto_rows=kto_rows(TRAIN_TOPICS),
         dpo_rows=dpo_rows(TRAIN_TOPICS),
-        config=TrainConfig(learning_rate=1e-3, kto_steps=5, dpo_steps=5),
+        config=TrainConfig(refresh_pairs=False, learning_rate=1e-3, kto_steps=5, dpo_steps=5),
     )
     assert result.metrics["quantized_4bit"] == 1.0
     assert _all_finite(result)

@@ -1,0 +1,153 @@
+"""The DPO rows a round trains on (``retrain.onpolicy``): which users' pairs are kept, and
+the pairs of the model's own replies that a scorer ranks.
+
+The costs are checked on the demo model, whose replies mean something: an edit that
+only changes punctuation is cheap for it, one that says something it never says is
+dear. The sampling and ranking are checked on a tiny random model with a scorer whose
+ranking is known.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from retrain import modeling
+from retrain.onpolicy import own_reply_pairs, pair_costs, refresh_pairs
+from retrain.train import TrainConfig, train_round
+
+torch.set_num_threads(1)
+
+
+def _chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": _chat(prompt), "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+class LengthScorer:
+    """Ranks a longer reply higher: log-odds = characters / 10."""
+
+    def log_odds(self, pairs):  # noqa: ANN001, ANN201
+        return [len(reply) / 10 for _, reply in pairs]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+    lora = modeling.fresh_lora_config(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    model = modeling.load_trainable_model(path, parent_adapter=None, lora=lora,
+                                          device=torch.device("cpu"), quantize_4bit=False)
+    return path, model, modeling.load_tokenizer(path)
+
+
+@pytest.mark.slow
+def test_an_edit_the_model_would_say_costs_less_than_one_it_would_not(demo_model_dir: Path):
+    from retrain.sampling import encode_prompt, sample_replies, stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(demo_model_dir).eval()
+    lora = modeling.fresh_lora_config(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    model = modeling.load_trainable_model(demo_model_dir, parent_adapter=None, lora=lora,
+                                          device=torch.device("cpu"), quantize_4bit=False)
+    prompts = ["What makes the sky blue?", "How do I cook rice?", "Hello!"]
+    ids = [encode_prompt(tokenizer, _chat(p), 256) for p in prompts]
+    replies = sample_replies(base, ids, 1, temperature=0.7, top_p=0.95, max_new_tokens=128,
+                             stop_ids=stop_token_ids(base, tokenizer), seed=3)
+    own = [tokenizer.decode(r[0], skip_special_tokens=True).strip() for r in replies]
+    stranger = ("Quantum chromodynamics describes gluons binding quarks; the Standard Model "
+                "lists six flavours.")
+    rows = [_pair(p, o, o) for p, o in zip(prompts, own, strict=True)]
+    rows += [_pair(p, o.rstrip(".!") + ".", o) for p, o in zip(prompts, own, strict=True)]
+    rows += [_pair(p, stranger, o) for p, o in zip(prompts, own, strict=True)]
+    costs = pair_costs(model, tokenizer, rows, max_length=512, batch_size=4)
+    same, punctuation, dear = costs[:3], costs[3:6], costs[6:]
+    assert all(abs(c) < 1e-4 for c in same), same
+    assert all(c < 1.5 for c in punctuation), punctuation
+    assert all(c > 3.0 for c in dear), dear
+
+
+def test_pair_costs_are_per_token_of_the_chosen_reply(tiny):
+    _, model, tokenizer = tiny
+    a, b = "Cats sleep for most of the day.", "Water boils at one hundred degrees Celsius."
+    forward, backward = pair_costs(model, tokenizer, [_pair("Hi", a, b), _pair("Hi", b, a)],
+                                   max_length=512, batch_size=8)
+    assert forward * backward < 0  # the same difference, opposite signs
+    n_a = len(modeling.encode_dpo_rows(tokenizer, [_pair("Hi", a, b)])[0].chosen.completion_ids)
+    n_b = len(modeling.encode_dpo_rows(tokenizer, [_pair("Hi", b, a)])[0].chosen.completion_ids)
+    assert math.isclose(forward * n_a, -backward * n_b, rel_tol=1e-4)
+    # batching does not change a pair's cost
+    alone = pair_costs(model, tokenizer, [_pair("Hi", a, b)], max_length=512, batch_size=1)
+    assert math.isclose(alone[0], forward, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_own_reply_pairs_are_the_model_replies_the_scorer_ranks_highest_and_lowest(tiny):
+    _, model, tokenizer = tiny
+    prompts = [_chat("Hello!"), _chat("Tell me about cats."), _chat("Water?")]
+    rows = own_reply_pairs(model, tokenizer, prompts, LengthScorer(), samples=4, gap=0.0,
+                           max_new_tokens=24, max_prompt_tokens=128, seed=5)
+    assert rows, "a random model's four samples differ in length"
+    for row in rows:
+        assert row["prompt"] in prompts
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert len(chosen) > len(rejected) and chosen != rejected
+    # the same seed gives the same pairs; a gap no pair clears gives none
+    again = own_reply_pairs(model, tokenizer, prompts, LengthScorer(), samples=4, gap=0.0,
+                            max_new_tokens=24, max_prompt_tokens=128, seed=5)
+    assert again == rows
+    assert own_reply_pairs(model, tokenizer, prompts, LengthScorer(), samples=4, gap=1e9,
+                           max_new_tokens=24, max_prompt_tokens=128, seed=5) == []
+
+
+def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(tiny):
+    _, model, tokenizer = tiny
+    users = [_pair("Tell me about cats.", "Cats sleep for most of the day.", "No."),
+             _pair("Tell me about cats.", "No.", "Cats sleep for most of the day."),
+             _pair("Water?", "Water boils at one hundred degrees Celsius.", "I am not sure.")]
+    thumbs = [{"prompt": _chat("Hello!"), "completion": [{"role": "assistant", "content": t}],
+               "label": up} for t, up in (("Hello! How can I help?", True), ("No.", False))]
+    config = TrainConfig(kl_probe_tokens=24, pair_gap=0.0)
+    costs = pair_costs(model, tokenizer, users, max_length=512, batch_size=8)
+    limit = sorted(costs)[1]  # keeps exactly the two cheapest
+    rows, metrics = refresh_pairs(model, tokenizer, thumbs, users,
+                                  replace(config, pair_cost_limit=limit))
+    kept = [u for u, c in zip(users, costs, strict=True) if c <= limit]
+    assert len(kept) == 2 and rows[:2] == kept
+    assert metrics["pairs/users"] == 3 and metrics["pairs/users_kept"] == 2
+    assert metrics["pairs/own"] == len(rows) - 2
+    assert {tuple(map(str, r["prompt"])) for r in rows[2:]} <= {
+        tuple(map(str, u["prompt"])) for u in users}
+
+    unchanged, none = refresh_pairs(model, tokenizer, thumbs, users,
+                                    replace(config, refresh_pairs=False))
+    assert unchanged == users and none == {}
+
+
+def test_a_round_left_with_no_pairs_trains_on_the_users_pairs_as_given(tiny, tmp_path):
+    path, _, _ = tiny
+    users = [_pair("Tell me about cats.", "Cats sleep for most of the day.", "No."),
+             _pair("Water?", "Water boils at one hundred degrees Celsius.", "I am not sure.")]
+    config = TrainConfig(device="cpu", dpo_steps=2, min_steps=0, batch_size=2, kl_budget=None,
+                         kl_probe_tokens=16, pair_cost_limit=-math.inf, pair_gap=1e9)
+    result = train_round(base_model=str(path), parent_adapter=None, kto_rows=[],
+                         dpo_rows=users, out_dir=tmp_path / "a", config=config)
+    assert result.metrics["pairs/users_kept"] == 0 and result.metrics["pairs/own"] == 0
+    assert result.metrics["pairs/as_given"] == 1.0 and result.metrics["dpo/rows"] == 2
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("field,value", [("pair_samples", 1), ("pair_gap", -0.1),
+                                         ("pair_gap", math.inf), ("pair_cost_limit", math.nan),
+                                         ("refresh_pairs", None)])
+def test_bad_pair_settings_are_named(field: str, value: object):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).validate()
