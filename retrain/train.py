@@ -701,9 +701,9 @@ def _round_pairs(model: Any, tokenizer: Any, kto_rows: list[dict], dpo_rows: lis
     is left of them."""
     from retrain.onpolicy import refresh_pairs
 
-    if world.main:
-        rows, metrics = refresh_pairs(model, tokenizer, kto_rows, dpo_rows, config)
-    rows, metrics = world.broadcast((rows, metrics) if world.main else None)
+    mine = (refresh_pairs(model, tokenizer, kto_rows, dpo_rows, config)
+            if world.main or world.size == 1 else None)
+    rows, metrics = world.broadcast(mine)
     if dpo_rows and not rows:
         return dpo_rows, {**metrics, "pairs/as_given": 1.0}
     return rows, metrics
