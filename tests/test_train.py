@@ -566,3 +566,12 @@ def test_qlora_round_on_cuda_trains_a_4bit_base(tiny: Path, tmp_path: Path):
     assert _all_finite(result)
     assert result.history[-1]["rewards/margins"] != 0.0
     assert (out / "adapter_config.json").is_file()
+
+
+def test_down_votes_alone_beside_pairs_skip_the_kto_phase(tiny: Path, tmp_path: Path):
+    downs = [r | {"label": False} for r in kto_rows(TRAIN_TOPICS)]
+    result = _round(tiny, tmp_path / "a", kto_rows=downs, dpo_rows=dpo_rows(TRAIN_TOPICS))
+    assert result.metrics["kto/skipped_only_down_votes"] == len(downs)
+    assert "kto/steps" not in result.metrics and result.metrics["dpo/steps"] == 4
+    alone = _round(tiny, tmp_path / "b", kto_rows=downs)  # nothing else to learn from
+    assert alone.metrics["kto/steps"] == 4
