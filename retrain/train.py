@@ -690,28 +690,29 @@ def run_round(
     probes = (probe_messages or probe_prompts(kto_rows + dpo_rows, config.kl_probe_prompts,
                                               config.seed))[: config.kl_probe_prompts]
     kto = modeling.encode_kto_rows(tokenizer, kto_rows)
-    modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)  # validate
-    dpo_rows, pair_metrics = _round_pairs(model, tokenizer, kto_rows, dpo_rows, config)
     dpo = modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)
+    dpo, pair_metrics = _round_pairs(model, tokenizer, kto_rows, dpo_rows, dpo, config)
     result = _run_phases(model, tokenizer, kto, dpo, config, progress, probes)
     result.metrics.update(pair_metrics)
     return result
 
 
 def _round_pairs(model: Any, tokenizer: Any, kto_rows: list[dict], dpo_rows: list[dict],
-                 config: TrainConfig, world: World = ONE_PROCESS
-                 ) -> tuple[list[dict], dict[str, float]]:
-    """The DPO rows the round trains on (:func:`retrain.onpolicy.refresh_pairs`), the
-    same in every process (the main process's); the users' pairs as given when nothing
-    is left of them."""
+                 given: list[DPOExample], config: TrainConfig, world: World = ONE_PROCESS
+                 ) -> tuple[list[DPOExample], dict[str, float]]:
+    """The DPO examples the round trains on (:func:`retrain.onpolicy.refresh_pairs`),
+    the same in every process (the main process's); ``given`` (the users' pairs,
+    ``dpo_rows`` encoded) when the refresh is off or leaves nothing."""
     from retrain.onpolicy import refresh_pairs
 
+    if not config.refresh_pairs or not dpo_rows:
+        return given, {}
     mine = (refresh_pairs(model, tokenizer, kto_rows, dpo_rows, config)
             if world.main or world.size == 1 else None)
     rows, metrics = world.broadcast(mine)
-    if dpo_rows and not rows:
-        return dpo_rows, {**metrics, "pairs/as_given": 1.0}
-    return rows, metrics
+    if not rows:
+        return given, {**metrics, "pairs/as_given": 1.0}
+    return modeling.encode_dpo_rows(tokenizer, rows, max_length=config.max_length), metrics
 
 
 def _run_phases(
@@ -834,7 +835,7 @@ def train_round(
     start = time.perf_counter()
     tokenizer = modeling.load_tokenizer(base_model)
     kto = modeling.encode_kto_rows(tokenizer, kto_rows)
-    modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)  # validate
+    dpo = modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)
     torch.manual_seed(config.seed)  # the fresh LoRA's A matrices are drawn here
     lora = modeling.fresh_lora_config(
         r=config.lora_r,
@@ -854,8 +855,7 @@ def train_round(
     )
     probes = (probe_messages or probe_prompts(kto_rows + dpo_rows, config.kl_probe_prompts,
                                               config.seed))[: config.kl_probe_prompts]
-    dpo_rows, pair_metrics = _round_pairs(model, tokenizer, kto_rows, dpo_rows, config, world)
-    dpo = modeling.encode_dpo_rows(tokenizer, dpo_rows, max_length=config.max_length)
+    dpo, pair_metrics = _round_pairs(model, tokenizer, kto_rows, dpo_rows, dpo, config, world)
     result = _run_phases(model, tokenizer, kto, dpo, config, progress, probes, world)
     result.metrics.update(pair_metrics)
     if world.main:
