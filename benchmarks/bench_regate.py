@@ -5,7 +5,9 @@ truth.
 For each run folder of ``DIR`` (``<condition>-<judge>``, its SQLite store and adapter
 versions) and each version in it, the gate's inputs are rebuilt as the retraining worker
 built them (the rows up to the version's ``last_event_id``, split by prompt, edits also
-counted as down-votes; the held-out prompts answered), ``evaluate_behaviour`` and
+counted as down-votes; the held-out prompts answered; the gate's scorer fitted to the half
+of the rows that did not rank the version's own-reply pairs, if it had any),
+``evaluate_behaviour`` and
 ``gate_decision`` run with ``GateConfig`` (defaults, or ``--gate NAME=VALUE``), and the
 decision recorded in the version's manifest is shown next to the new one. The prompts
 answered later than the version are among the held-out prompts too, so the gate may draw
@@ -19,7 +21,7 @@ degenerate replies. The control run's candidates (random ratings) are never bett
 gate must not promote them. ``--truth-cache FILE`` keeps those samples' scores between
 runs (written as they are computed), so two checkouts' gates can be compared on one truth.
 
-    python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--json FILE]
+    python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--scorer split|all] [--json FILE]
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from feedback_store.store import FeedbackStore
     from retrain.evaluate import evaluate_behaviour, gate_decision
-    from retrain.rows import round_rows
+    from retrain.rows import ranked_own_pairs, round_rows
 
     torch.set_num_threads(args.threads)
     config = _gate_config(args.gate)
@@ -104,7 +106,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report = evaluate_behaviour(
                 base_model=args.model, candidate_path=folder,
                 active_path=(data / "adapters" / parent) if parent else None,
-                active_label=parent or "base", **feedback.gate_rows(), config=config,
+                active_label=parent or "base",
+                **feedback.gate_rows(ranked_pairs=args.scorer == "split"
+                                     and ranked_own_pairs(manifest["train_metrics"])),
+                config=config,
                 beta=manifest["config"]["beta"], device="cpu",
                 max_length=manifest["config"]["max_length"])
             decision, reasons = gate_decision(report, config)
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"truly better promoted: {summary['better_promoted']} of {summary['better']}; "
           f"others promoted: {summary['others_promoted']} of {summary['others']}")
     print(machine_note())
-    return {"gate": vars(config), "results": results, "summary": summary}
+    return {"gate": vars(config), "scorer": args.scorer, "results": results, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--truth-cache", type=Path)
+    parser.add_argument("--scorer", choices=("split", "all"), default="split",
+                        help="split (as the worker does): after a round that ranked its own "
+                             "replies, the gate's scorer fits the other half of the rows; "
+                             "all: every training row, as the gate did before")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

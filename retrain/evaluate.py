@@ -171,6 +171,8 @@ class BehaviourReport:
     for information only. ``samples`` maps prompt text to one candidate and one active
     reply, for people to read. ``changed_share``: the share of held-out sampled replies
     that differ from the active's drawn with the same seed (None without held-out prompts).
+    ``scorer_half``: the scorer was fitted to the half of the ``n_train_rows`` training
+    rows that did not rank the round's own-reply pairs.
     """
 
     active_label: str
@@ -194,6 +196,7 @@ class BehaviourReport:
     implicit: dict[str, float | None]
     samples: tuple[tuple[str, str, str], ...] = ()
     changed_share: float | None = None
+    scorer_half: bool = False
 
     @property
     def n_heldout_rows(self) -> int:
@@ -217,6 +220,7 @@ class BehaviourReport:
             "heldout_thumbs": self.n_heldout_thumbs, "heldout_pairs": self.n_heldout_pairs,
             "heldout_prompts": self.n_heldout_prompts, "sampled_prompts": self.n_prompts,
             "samples_per_prompt": self.samples_per_prompt, "train_rows_scorer": self.n_train_rows,
+            "scorer_half": self.scorer_half,
         }
         return out
 
@@ -249,6 +253,8 @@ def evaluate_behaviour(
     heldout_kto: list[dict],
     heldout_dpo: list[dict],
     asked_prompts: Sequence[list[dict]] = (),
+    scorer_kto: list[dict] | None = None,
+    scorer_dpo: list[dict] | None = None,
     config: GateConfig = GateConfig(),
     fixed_prompts: list[list[dict]] = FIXED_PROMPTS,
     beta: float = 0.1,
@@ -263,7 +269,9 @@ def evaluate_behaviour(
     on held-out prompts, as the chat server would answer them.
 
     1. A reward model is trained on ``train_kto`` / ``train_dpo``
-       (:func:`retrain.reward_model.train_reward_model`). Its accuracy is measured by
+       (:func:`retrain.reward_model.train_reward_model`), or on ``scorer_kto`` /
+       ``scorer_dpo`` when given: the half of the training rows that did not rank the
+       round's own-reply pairs (:meth:`retrain.rows.RoundRows.gate_rows`). Its accuracy is measured by
        cross-validation over all the rows, training and held-out, in folds by prompt
        (:func:`retrain.reward_model.cross_validated_accuracy`): each row predicted by a
        scorer trained on the rows of other prompts, as the held-out split would be, on
@@ -290,7 +298,9 @@ def evaluate_behaviour(
     tokenizer = modeling.load_tokenizer(base_model)
     thumbs = modeling.encode_kto_rows(tokenizer, heldout_kto)
     pairs = modeling.encode_dpo_rows(tokenizer, heldout_dpo, max_length=max_length)
-    reward_model = train_reward_model(train_kto, train_dpo, seed=config.seed)
+    own_half = scorer_kto is not None or scorer_dpo is not None
+    scorer_rows = ((scorer_kto or [], scorer_dpo or []) if own_half else (train_kto, train_dpo))
+    reward_model = train_reward_model(*scorer_rows, seed=config.seed)
     # every row checked by a scorer that never saw its prompt, not the held-out split
     # alone: on the held-out fifth, random ratings read up to 59% and a thumbs rule 58%
     # (README, "Does the loop make the model better?")
@@ -372,7 +382,8 @@ def evaluate_behaviour(
         samples_per_prompt=config.samples_per_prompt,
         n_fixed=len(fixed_prompts),
         scorer=scorer_acc,
-        n_train_rows=len(train_kto) + len(train_dpo),
+        n_train_rows=len(scorer_rows[0]) + len(scorer_rows[1]),
+        scorer_half=own_half,
         candidate_score=_mean(cand_scores) if cand_scores else None,
         active_score=_mean(act_scores) if act_scores else None,
         score_diff=diff,
@@ -466,13 +477,16 @@ def gate_decision(
             f"{samples} differ from {active}'s drawn with the same seed; at least "
             f"{config.min_changed_share:.0%} must change for users to see a difference")
     level = _level(r.confidence_z)
+    scorer_note = (f" fitted to the {r.n_train_rows} training rows of the prompts that did "
+                   f"not rank the round's own-reply pairs" if r.scorer_half else "")
     if r.score_diff is None or r.score_lower_bound is None:
         holds.append(f"hold: cannot compare replies: {samples} (at least 2 prompts needed)")
         comparison = ""
     else:
         comparison = (
             f"candidate replies scored {r.candidate_score:.3f} vs {active} "
-            f"{r.active_score:.3f} in log-odds by the feedback-trained scorer (difference "
+            f"{r.active_score:.3f} in log-odds by the feedback-trained scorer{scorer_note} "
+            f"(difference "
             f"{r.score_diff:+.3f}, {level} lower bound {r.score_lower_bound:+.3f}")
         if r.score_lower_bound <= 0:
             holds.append(f"hold: {comparison} ≤ 0) on {samples}: no evidence of improvement")

@@ -16,11 +16,13 @@ So, per round (:func:`refresh_pairs`):
    at most ``TrainConfig.pair_cost_limit`` are kept as they are.
 2. For each distinct prompt of the users' pairs, the model as it starts the round
    samples ``pair_samples`` replies as served (temperature 0.7, top-p 0.95, up to
-   ``kl_probe_tokens`` tokens). A scorer fitted to the round's thumbs and pairs
-   (:func:`retrain.reward_model.train_reward_model`, the gate's kind) ranks them; the
-   best and the worst become a pair when their log-odds of a thumbs-up differ by more
-   than ``pair_gap``. These pairs say what users asked for in words the model already
-   uses, so DPO can move toward them within the budget.
+   ``kl_probe_tokens`` tokens). A scorer (:func:`retrain.reward_model.train_reward_model`,
+   the gate's kind) fitted to the round's thumbs and pairs of one half of the prompts
+   (:func:`retrain.reward_model.split_halves`; the gate's scorer is fitted to the other
+   half, so the candidate cannot please it by learning this one's mistakes) ranks them;
+   the best and the worst become a pair when their log-odds of a thumbs-up differ by
+   more than ``pair_gap``. These pairs say what users asked for in words the model
+   already uses, so DPO can move toward them within the budget.
 
 The costly users' pairs still count: their rejected replies are thumbs-down in the KTO
 phase (the worker's ``edits_as_votes``), and they train the scorer that ranks the new
@@ -38,7 +40,7 @@ import torch
 from retrain import modeling, sampling
 from retrain.budget import PROBE_TEMPERATURE, PROBE_TOP_P
 from retrain.losses import sequence_logps
-from retrain.reward_model import last_user_text, train_reward_model
+from retrain.reward_model import last_user_text, split_halves, train_reward_model
 
 
 def pair_costs(model: Any, tokenizer: Any, rows: Sequence[dict], *, max_length: int,
@@ -113,7 +115,8 @@ def refresh_pairs(model: Any, tokenizer: Any, kto_rows: Sequence[dict],
                   dpo_rows: Sequence[dict], config: Any) -> tuple[list[dict], dict[str, float]]:
     """The round's DPO rows (module doc): the users' pairs that cost the reference at most
     ``config.pair_cost_limit`` nats/token, then pairs of ``model``'s own replies ranked by
-    a scorer fitted to ``kto_rows``/``dpo_rows``. Returns the rows and figures for the
+    a scorer fitted to the ranking half of ``kto_rows``/``dpo_rows``
+    (:func:`retrain.reward_model.split_halves`). Returns the rows and figures for the
     round's metrics (``pairs/...``)."""
     if not config.refresh_pairs or not dpo_rows:
         return list(dpo_rows), {}
@@ -121,7 +124,8 @@ def refresh_pairs(model: Any, tokenizer: Any, kto_rows: Sequence[dict],
                        batch_size=config.batch_size)
     kept = [row for row, cost in zip(dpo_rows, costs, strict=True)
             if cost <= config.pair_cost_limit]
-    scorer = train_reward_model(kto_rows, dpo_rows, seed=config.seed)
+    ranking, _ = split_halves(kto_rows, dpo_rows)
+    scorer = train_reward_model(*ranking, seed=config.seed)
     own = own_reply_pairs(
         model, tokenizer, _distinct_prompts(dpo_rows), scorer, samples=config.pair_samples,
         gap=config.pair_gap, max_new_tokens=config.kl_probe_tokens,

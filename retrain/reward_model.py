@@ -295,6 +295,27 @@ def _fold_of(row: dict, folds: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % folds
 
 
+def split_halves(kto_rows: Sequence[dict], dpo_rows: Sequence[dict]
+                 ) -> tuple[tuple[list[dict], list[dict]], tuple[list[dict], list[dict]]]:
+    """The rows in two halves by a hash of their prompt key: ``((kto, dpo) to rank a
+    round's own-reply pairs, (kto, dpo) for the gate's scorer)``.
+
+    A round that trains toward replies one scorer ranked must not be judged by a scorer
+    fitted to the same rows: the candidate learns that scorer's mistakes (words that
+    happened to sit in liked replies) as well as what users asked for, and the same
+    scorer then reads its mistakes as gains. On the refreshed pairs the gate promoted 6 of
+    11 candidates that the benchmark's judge did not find better (README, "Pairs the model
+    can reach"). Two scorers fitted to rows of different prompts share what the feedback
+    says and not each other's mistakes."""
+    halves: tuple[tuple[list[dict], list[dict]], ...] = (([], []), ([], []))
+    for kind, rows in enumerate((kto_rows, dpo_rows)):
+        for row in rows:
+            key = "half:" + prompt_key(row["prompt"])
+            half = hashlib.blake2b(key.encode(), digest_size=8).digest()[0] % 2
+            halves[half][kind].append(row)
+    return halves[0], halves[1]
+
+
 def cross_validated_accuracy(kto_rows: Sequence[dict], dpo_rows: Sequence[dict], *,
                              folds: int = 5, seed: int = 0) -> ScorerAccuracy:
     """The scorer's accuracy on every row, each predicted by a scorer trained on the

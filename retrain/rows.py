@@ -27,11 +27,25 @@ class RoundRows:
     heldout_dpo: list[dict]
     asked: list[list[dict]]
 
-    def gate_rows(self) -> dict[str, Any]:
-        """The rows as :func:`retrain.evaluate.evaluate_behaviour` takes them."""
-        return {"train_kto": self.kto, "train_dpo": self.dpo,
-                "heldout_kto": self.heldout_kto, "heldout_dpo": self.heldout_dpo,
-                "asked_prompts": self.asked}
+    def gate_rows(self, *, ranked_pairs: bool = False) -> dict[str, Any]:
+        """The rows as :func:`retrain.evaluate.evaluate_behaviour` takes them. When the
+        round trained on pairs of its own replies ranked by a scorer (the metric
+        ``pairs/own`` above 0), ``ranked_pairs``: the gate's scorer is fitted to the other
+        half of the training rows (:func:`retrain.reward_model.split_halves`)."""
+        rows: dict[str, Any] = {"train_kto": self.kto, "train_dpo": self.dpo,
+                                "heldout_kto": self.heldout_kto,
+                                "heldout_dpo": self.heldout_dpo, "asked_prompts": self.asked}
+        if ranked_pairs:
+            from retrain.reward_model import split_halves  # torch: not for the store alone
+
+            rows["scorer_kto"], rows["scorer_dpo"] = split_halves(self.kto, self.dpo)[1]
+        return rows
+
+
+def ranked_own_pairs(train_metrics: dict[str, Any]) -> bool:
+    """Whether a round's training (its metrics) ranked pairs of the model's own replies
+    with a scorer of its own (:mod:`retrain.onpolicy`)."""
+    return float(train_metrics.get("pairs/own") or 0) > 0
 
 
 def round_rows(store: FeedbackStore, last_event_id: int, eval_fraction: float) -> RoundRows:

@@ -35,7 +35,7 @@ from feedback_store import FeedbackStore, Registry
 
 from .config import RetrainSettings
 from .publish import data_hash, publish, temp_dir
-from .rows import round_rows
+from .rows import ranked_own_pairs, round_rows
 
 log = logging.getLogger("retrain.worker")
 FAULT_ENV = "FEEDBACK_CHAT_RETRAIN_FAULT"
@@ -158,7 +158,7 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             base_model=settings.model, candidate_path=tmp,
             active_path=Path(parent.path) if parent else None,
             active_label=parent.version if parent else "base",
-            **rows.gate_rows(), config=gate_cfg, beta=train_cfg.beta, device=settings.device,
+            **rows.gate_rows(ranked_pairs=ranked_own_pairs(result.metrics)), config=gate_cfg, beta=train_cfg.beta, device=settings.device,
             quantize_4bit=settings.quantize_4bit, max_length=train_cfg.max_length)
         decision, reasons = gate_decision(report, gate_cfg)
 

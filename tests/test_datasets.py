@@ -377,7 +377,8 @@ def test_a_rounds_rows_are_the_feedback_up_to_its_event_split_by_prompt(
     import inspect
 
     from retrain.evaluate import evaluate_behaviour
-    from retrain.rows import round_rows
+    from retrain.reward_model import split_halves
+    from retrain.rows import ranked_own_pairs, round_rows
 
     fraction = 0.5
     held_q = next(f"held {i}" for i in range(100) if split_of(f"held {i}", fraction) == "eval")
@@ -405,3 +406,10 @@ def test_a_rounds_rows_are_the_feedback_up_to_its_event_split_by_prompt(
         prompt_key([msg("user", q)]) for q in (held_q, unrated))
     # what the gate is given are parameters of evaluate_behaviour
     assert set(rows.gate_rows()) <= set(inspect.signature(evaluate_behaviour).parameters)
+    # after a round that ranked its own replies, the gate's scorer fits the other half
+    ranked = rows.gate_rows(ranked_pairs=True)
+    assert set(ranked) <= set(inspect.signature(evaluate_behaviour).parameters)
+    assert (ranked["scorer_kto"], ranked["scorer_dpo"]) == split_halves(rows.kto, rows.dpo)[1]
+    assert "scorer_kto" not in rows.gate_rows()
+    assert ranked_own_pairs({"pairs/own": 3.0}) and not ranked_own_pairs({"pairs/own": 0.0})
+    assert not ranked_own_pairs({})

@@ -30,6 +30,7 @@ from retrain.reward_model import (
     Outcomes,
     ScorerAccuracy,
     cross_validated_accuracy,
+    split_halves,
     train_reward_model,
     two_sided,
 )
@@ -285,6 +286,22 @@ def test_thumb_accuracy_is_balanced_so_a_label_prior_earns_nothing():
     assert model.accuracy(held_kto, []).thumb_accuracy > everything_up.thumb_accuracy
 
 
+def test_the_rows_split_in_two_halves_by_prompt():
+    """One half ranks a round's own-reply pairs, the other trains the gate's scorer: no
+    prompt in both, no row lost, the same split every time."""
+    rng = random.Random(5)
+    kto, dpo = _rule_rows(TOPICS, rng)
+    (rank_kto, rank_dpo), (gate_kto, gate_dpo) = split_halves(kto, dpo)
+    assert sorted(map(repr, rank_kto + gate_kto)) == sorted(map(repr, kto))
+    assert sorted(map(repr, rank_dpo + gate_dpo)) == sorted(map(repr, dpo))
+    ranking = {repr(r["prompt"]) for r in rank_kto + rank_dpo}
+    gate = {repr(r["prompt"]) for r in gate_kto + gate_dpo}
+    assert not ranking & gate
+    assert 0.35 < len(ranking) / len(TOPICS) < 0.65
+    assert split_halves(kto, dpo) == ((rank_kto, rank_dpo), (gate_kto, gate_dpo))
+    assert split_halves([], []) == (([], []), ([], []))
+
+
 # -- behaviour on sampled replies -------------------------------------------------------
 
 # Random weights answer with noise, degenerate or not, so only the rise is limited here.
@@ -353,6 +370,30 @@ def test_a_collapsed_adapter_is_rejected_for_its_kl(tiny: Path, tmp_path: Path,
     assert decision == "reject", reasons
     assert report.kl > 1.0
     assert any(r.startswith("reject: KL") and "exceeds 0.30" in r for r in reasons)
+
+
+def test_the_gates_scorer_is_fitted_to_the_rows_given_for_it(tiny: Path, tmp_path: Path,
+                                                            rule_rows: dict):
+    """A round that ranked its own replies is scored by a scorer of the other half of the
+    rows: given those, the gate fits nothing else (here: the rule's labels flipped, so the
+    same candidate scores the other way), and says so."""
+    moved = _save_adapter(tiny, tmp_path / "moved", random_b=True, scale=0.05)
+    plain = _behaviour(tiny, moved, None, rule_rows)
+    flipped_kto = [{**r, "label": not r["label"]} for r in rule_rows["train_kto"][:40]]
+    flipped_dpo = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                   for r in rule_rows["train_dpo"][:20]]
+    half = _behaviour(tiny, moved, None, {**rule_rows, "scorer_kto": flipped_kto,
+                                          "scorer_dpo": flipped_dpo})
+    assert (plain.scorer_half, plain.n_train_rows) == (False, 180)
+    assert (half.scorer_half, half.n_train_rows) == (True, 60)
+    assert plain.score_diff != 0 and half.score_diff * plain.score_diff < 0
+    # the accuracy check is on all the rows either way
+    assert half.scorer == plain.scorer
+    assert half.metrics()["scorer_half"] is True
+    reason = gate_decision(half, replace(SMALL_GATE, max_kl=10.0, min_changed_share=0.0))[1]
+    assert any("by the feedback-trained scorer fitted to the 60 training rows of the prompts "
+               "that did not rank the round's own-reply pairs (difference" in r
+               for r in reason), reason
 
 
 def test_random_feedback_gives_a_hold_for_inconsistent_ratings(tiny: Path, tmp_path: Path):

@@ -132,6 +132,30 @@ def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(
     assert unchanged == users and none == {}
 
 
+def test_the_scorer_that_ranks_own_replies_sees_one_half_of_the_rows(tiny, monkeypatch):
+    """The gate's scorer is fitted to the other half (``split_halves``): the candidate
+    must not be judged by the scorer whose mistakes it was trained toward."""
+    from retrain import onpolicy
+    from retrain.reward_model import split_halves
+
+    _, model, tokenizer = tiny
+    users = [_pair(f"Tell me about topic {i}.", f"Topic {i} is a fine thing.", "No.")
+             for i in range(12)]
+    thumbs = [{"prompt": _chat(f"Hello {i}!"), "label": i % 2 == 0,
+               "completion": [{"role": "assistant", "content": f"Hi {i}."}]} for i in range(12)]
+    fitted, real = [], onpolicy.train_reward_model
+
+    def spy(kto, dpo, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        fitted.append((list(kto), list(dpo)))
+        return real(kto, dpo, **kwargs)
+
+    monkeypatch.setattr(onpolicy, "train_reward_model", spy)
+    refresh_pairs(model, tokenizer, thumbs, users, TrainConfig(kl_probe_tokens=8))
+    ranking, gate = split_halves(thumbs, users)
+    assert fitted == [ranking]
+    assert ranking[1] and gate[1]  # both halves have pairs here: the test means something
+
+
 def test_a_round_left_with_no_pairs_trains_on_the_users_pairs_as_given(tiny, tmp_path):
     path, _, _ = tiny
     users = [_pair("Tell me about cats.", "Cats sleep for most of the day.", "No."),
