@@ -342,6 +342,11 @@ class Batch:
     labels: torch.Tensor
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads training batches: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,

@@ -51,7 +51,7 @@ def pair_costs(model: Any, tokenizer: Any, rows: Sequence[dict], *, max_length: 
         return []
     examples = modeling.encode_dpo_rows(tokenizer, rows, max_length=max_length)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = modeling.pad_id(tokenizer)
     costs: list[float] = []
     with modeling.reference_mode(model):
         for lo in range(0, len(examples), batch_size):

@@ -357,7 +357,7 @@ def _logps(model: torch.nn.Module, batch: modeling.Batch) -> torch.Tensor:
 def _collater(tokenizer: Any, config: TrainConfig, device: Any) -> Callable[..., Any]:
     """Batch collation for a phase's rows (and its reference cache): padded with the
     tokenizer's pad id, cut to ``config.max_length``, on the phase's device."""
-    return functools.partial(modeling.collate, pad_id=_pad_id(tokenizer),
+    return functools.partial(modeling.collate, pad_id=modeling.pad_id(tokenizer),
                              max_length=config.max_length, device=device)
 
 
@@ -517,10 +517,6 @@ class _Phase:
             }
         )
         return out
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _train_kto(
