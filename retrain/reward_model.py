@@ -290,9 +290,13 @@ def train_reward_model(
     return RewardModel(weight.detach(), float(bias.detach()))
 
 
+def _prompt_digest(row: dict, salt: str = "") -> bytes:
+    """A stable hash of a row's prompt key (``salt`` first), to place rows by prompt."""
+    return hashlib.blake2b((salt + prompt_key(row["prompt"])).encode(), digest_size=8).digest()
+
+
 def _fold_of(row: dict, folds: int) -> int:
-    key = prompt_key(row["prompt"])
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % folds
+    return int.from_bytes(_prompt_digest(row), "big") % folds
 
 
 def split_halves(kto_rows: Sequence[dict], dpo_rows: Sequence[dict]
@@ -310,9 +314,7 @@ def split_halves(kto_rows: Sequence[dict], dpo_rows: Sequence[dict]
     halves: tuple[tuple[list[dict], list[dict]], ...] = (([], []), ([], []))
     for kind, rows in enumerate((kto_rows, dpo_rows)):
         for row in rows:
-            key = "half:" + prompt_key(row["prompt"])
-            half = hashlib.blake2b(key.encode(), digest_size=8).digest()[0] % 2
-            halves[half][kind].append(row)
+            halves[_prompt_digest(row, "half:")[0] % 2][kind].append(row)
     return halves[0], halves[1]
 
 

@@ -158,7 +158,8 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             base_model=settings.model, candidate_path=tmp,
             active_path=Path(parent.path) if parent else None,
             active_label=parent.version if parent else "base",
-            **rows.gate_rows(ranked_pairs=ranked_own_pairs(result.metrics)), config=gate_cfg, beta=train_cfg.beta, device=settings.device,
+            **rows.gate_rows(ranked_pairs=ranked_own_pairs(result.metrics)), config=gate_cfg,
+            beta=train_cfg.beta, device=settings.device,
             quantize_4bit=settings.quantize_4bit, max_length=train_cfg.max_length)
         decision, reasons = gate_decision(report, gate_cfg)
 
