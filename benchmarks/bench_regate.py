@@ -21,7 +21,7 @@ degenerate replies. The control run's candidates (random ratings) are never bett
 gate must not promote them. ``--truth-cache FILE`` keeps those samples' scores between
 runs (written as they are computed), so two checkouts' gates can be compared on one truth.
 
-    python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--scorer split|all] [--json FILE]
+    python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--scorer split|all|heldout] [--json FILE]
 """
 
 from __future__ import annotations
@@ -56,6 +56,22 @@ def _gate_config(items: list[str]) -> Any:
     return GateConfig(**values)
 
 
+_HALF_NOTE = "training rows of the prompts that did not rank the round's own-reply pairs"
+
+
+def gate_rows(feedback: Any, manifest: dict, scorer: str) -> dict[str, Any]:
+    """The gate's inputs for ``--scorer``: ``split`` as the worker builds them, ``all``
+    the scorer fitted to every training row, ``heldout`` to the held-out rows alone."""
+    from retrain.rows import ranked_own_pairs
+
+    if scorer == "heldout":
+        rows = feedback.gate_rows()
+        rows["scorer_kto"], rows["scorer_dpo"] = feedback.heldout_kto, feedback.heldout_dpo
+        return rows
+    return feedback.gate_rows(ranked_pairs=scorer == "split"
+                              and ranked_own_pairs(manifest["train_metrics"]))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from peft import PeftModel
@@ -63,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from feedback_store.store import FeedbackStore
     from retrain.evaluate import evaluate_behaviour, gate_decision
-    from retrain.rows import ranked_own_pairs, round_rows
+    from retrain.rows import round_rows
 
     torch.set_num_threads(args.threads)
     config = _gate_config(args.gate)
@@ -107,12 +123,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 base_model=args.model, candidate_path=folder,
                 active_path=(data / "adapters" / parent) if parent else None,
                 active_label=parent or "base",
-                **feedback.gate_rows(ranked_pairs=args.scorer == "split"
-                                     and ranked_own_pairs(manifest["train_metrics"])),
+                **gate_rows(feedback, manifest, args.scorer),
                 config=config,
                 beta=manifest["config"]["beta"], device="cpu",
                 max_length=manifest["config"]["max_length"])
             decision, reasons = gate_decision(report, config)
+            if args.scorer == "heldout":
+                reasons = [r.replace(_HALF_NOTE, "held-out rows (never trained on)")
+                           for r in reasons]
             gate_s = time.perf_counter() - t0
             cand, act = truth(folder.name), truth(parent)
             rise = cand["score"] - act["score"]
@@ -159,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--truth-cache", type=Path)
-    parser.add_argument("--scorer", choices=("split", "all"), default="split",
+    parser.add_argument("--scorer", choices=("split", "all", "heldout"), default="split",
                         help="split (as the worker does): after a round that ranked its own "
                              "replies, the gate's scorer fits the other half of the rows; "
-                             "all: every training row, as the gate did before")
+                             "all: every training row, as the gate did before; heldout: "
+                             "only the held-out rows, which no candidate trained on")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
