@@ -34,6 +34,7 @@ from .train import RoundResult, TrainConfig, TrainingError, World, train_round
 def train_data_parallel(*, processes: int, base_model: str, parent_adapter: Path | None,
                         kto_rows: list[dict], dpo_rows: list[dict], out_dir: Path,
                         config: TrainConfig, probe_messages: list[list[dict]] | None = None,
+                        asked_prompts: list[list[dict]] | None = None,
                         timeout: float | None = None) -> RoundResult:
     """:func:`retrain.train.train_round` on ``processes`` processes; same arguments and
     result. ``TrainingError`` with the processes' last output when the launch fails."""
@@ -50,6 +51,7 @@ def train_data_parallel(*, processes: int, base_model: str, parent_adapter: Path
             "parent_adapter": str(parent_adapter) if parent_adapter else None,
             "kto_rows": kto_rows, "dpo_rows": dpo_rows, "out_dir": str(out_dir),
             "config": {**asdict(config), "processes": 1, "device": device}, "probe_messages": probe_messages,
+            "asked_prompts": asked_prompts,
             "result": str(result_file),
         }))
         # accelerate's --cpu launcher starts one process (several need MPI); its multi-GPU
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         base_model=job["base_model"],
         parent_adapter=Path(job["parent_adapter"]) if job["parent_adapter"] else None,
         kto_rows=job["kto_rows"], dpo_rows=job["dpo_rows"], out_dir=Path(job["out_dir"]),
-        config=config, probe_messages=job["probe_messages"], world=world)
+        config=config, probe_messages=job["probe_messages"], world=world,
+        asked_prompts=job.get("asked_prompts"))
     if world.main:
         metrics: dict[str, Any] = dict(result.metrics, processes=float(world.size))
         Path(job["result"]).write_text(json.dumps({"metrics": metrics,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from feedback_store import (
@@ -18,14 +18,16 @@ from feedback_store import (
 class RoundRows:
     """The rows of one round, as of one event: the training split's (to train on and to
     fit the gate's scorer) and the held-out split's (to check it), edits also counted as
-    their authors' down-votes; and the held-out prompts answered but never rated (the
-    candidate never saw them either)."""
+    their authors' down-votes; the held-out prompts answered, rated or not (the
+    candidate never saw them either); and the training split's (``train_asked``: where
+    the round may rank pairs of the model's own replies)."""
 
     kto: list[dict]
     dpo: list[dict]
     heldout_kto: list[dict]
     heldout_dpo: list[dict]
     asked: list[list[dict]]
+    train_asked: list[list[dict]] = field(default_factory=list)
 
     def gate_rows(self, *, ranked_pairs: bool = False) -> dict[str, Any]:
         """The rows as :func:`retrain.evaluate.evaluate_behaviour` takes them. When the
@@ -59,4 +61,5 @@ def round_rows(store: FeedbackStore, last_event_id: int, eval_fraction: float) -
     return RoundRows(
         kto=kto("train"), dpo=build_dpo_rows(store, RowFilter(split="train", **snap)),
         heldout_kto=kto("eval"), heldout_dpo=build_dpo_rows(store, RowFilter(split="eval", **snap)),
-        asked=build_asked_prompts(store, split="eval", eval_fraction=eval_fraction))
+        asked=build_asked_prompts(store, split="eval", eval_fraction=eval_fraction),
+        train_asked=build_asked_prompts(store, split="train", eval_fraction=eval_fraction))

@@ -145,12 +145,14 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             result = train_data_parallel(
                 processes=train_cfg.processes, base_model=settings.model,
                 parent_adapter=Path(parent.path) if parent else None, kto_rows=kto,
-                dpo_rows=dpo, out_dir=tmp, config=train_cfg, probe_messages=probes)
+                dpo_rows=dpo, out_dir=tmp, config=train_cfg, probe_messages=probes,
+                asked_prompts=rows.train_asked)
         else:
             result = train_round(base_model=settings.model,
                                  parent_adapter=Path(parent.path) if parent else None,
                                  kto_rows=kto, dpo_rows=dpo, out_dir=tmp, config=train_cfg,
-                                 progress=progress, probe_messages=probes)
+                                 progress=progress, probe_messages=probes,
+                                 asked_prompts=rows.train_asked)
         train_seconds = time.perf_counter() - t0
 
         reg.update_run(run_id, progress={"phase": "evaluating"})

@@ -19,7 +19,7 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from retrain import modeling
-from retrain.onpolicy import own_reply_pairs, pair_costs, refresh_pairs
+from retrain.onpolicy import own_reply_pairs, pair_costs, pair_prompts, refresh_pairs
 from retrain.train import TrainConfig, train_round
 
 torch.set_num_threads(1)
@@ -124,12 +124,51 @@ def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(
     assert len(kept) == 2 and rows[:2] == kept
     assert metrics["pairs/users"] == 3 and metrics["pairs/users_kept"] == 2
     assert metrics["pairs/own"] == len(rows) - 2
+    # own replies to the prompts of the pairs and of the thumbs, nothing else
+    assert metrics["pairs/own_prompts"] == 3
     assert {tuple(map(str, r["prompt"])) for r in rows[2:]} <= {
-        tuple(map(str, u["prompt"])) for u in users}
+        tuple(map(str, u["prompt"])) for u in [*users, *thumbs]}
 
     unchanged, none = refresh_pairs(model, tokenizer, thumbs, users,
                                     replace(config, refresh_pairs=False))
     assert unchanged == users and none == {}
+
+
+def test_own_replies_are_ranked_on_the_pairs_prompts_then_the_thumbs_then_the_unrated():
+    pairs = [_pair(f"Pair {i}?", "Yes.", "No.") for i in range(3)] + [_pair("Pair 0?", "A", "B")]
+    thumbs = [{"prompt": _chat(q), "label": True,
+               "completion": [{"role": "assistant", "content": "Hi."}]}
+              for q in ("Thumb 0?", "Thumb 1?", "Pair 1?")]
+    asked = [_chat(q) for q in ("Asked 0?", "Thumb 0?", "Asked 1?")]
+
+    def asked_of(limit: int) -> list[str]:
+        return [p[-1]["content"] for p in pair_prompts(pairs, thumbs, asked, limit)]
+
+    every = asked_of(100)
+    # each prompt once, in the order of the groups: pairs, thumbs, then unrated ones
+    assert sorted(every[:3]) == ["Pair 0?", "Pair 1?", "Pair 2?"]
+    assert sorted(every[3:5]) == ["Thumb 0?", "Thumb 1?"]
+    assert sorted(every[5:]) == ["Asked 0?", "Asked 1?"]
+    assert asked_of(4) == every[:4] and asked_of(1) == every[:1]
+    assert asked_of(100) == every  # the order is fixed
+
+
+def test_a_round_ranks_own_replies_to_prompts_users_asked_and_did_not_rate(tiny, tmp_path):
+    """Users who only edit and pick leave pairs on a few prompts; the round also ranks
+    the model's replies to the prompts they asked without rating (``asked_prompts``)."""
+    path, _, _ = tiny
+    users = [_pair(f"Tell me about topic {i}.", f"Topic {i} is a fine thing to know.", "No.")
+             for i in range(6)]
+    asked = [_chat(f"What about item {i}?") for i in range(10)]
+    config = TrainConfig(device="cpu", dpo_steps=2, min_steps=0, batch_size=2, kl_budget=None,
+                         kl_probe_tokens=16, pair_gap=0.0, pair_prompts=12)
+    common = dict(base_model=str(path), parent_adapter=None, kto_rows=[], dpo_rows=users,
+                  config=config)
+    alone = train_round(**common, out_dir=tmp_path / "a")
+    more = train_round(**common, out_dir=tmp_path / "b", asked_prompts=asked)
+    assert alone.metrics["pairs/own_prompts"] == 6
+    assert more.metrics["pairs/own_prompts"] == 12  # 6 of the pairs', 6 asked (the limit)
+    assert more.metrics["pairs/own"] > alone.metrics["pairs/own"]
 
 
 def test_the_scorer_that_ranks_own_replies_sees_one_half_of_the_rows(tiny, monkeypatch):
@@ -171,7 +210,7 @@ def test_a_round_left_with_no_pairs_trains_on_the_users_pairs_as_given(tiny, tmp
 
 @pytest.mark.parametrize("field,value", [("pair_samples", 1), ("pair_gap", -0.1),
                                          ("pair_gap", math.inf), ("pair_cost_limit", math.nan),
-                                         ("refresh_pairs", None)])
+                                         ("refresh_pairs", None), ("pair_prompts", 0)])
 def test_bad_pair_settings_are_named(field: str, value: object):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value}).validate()
