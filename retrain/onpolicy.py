@@ -14,9 +14,10 @@ So, per round (:func:`refresh_pairs`):
 1. The **cost** of each users' pair is the reference model's NLL of the chosen reply
    minus that of the rejected one, per token of the chosen (nats/token). Pairs that cost
    at most ``TrainConfig.pair_cost_limit`` are kept as they are.
-2. For each distinct prompt of the users' pairs, then of their thumbs, then of the
-   training split's prompts answered but not rated (at most ``pair_prompts`` in all,
-   :func:`pair_prompts`), the model as it starts the round
+2. For each distinct prompt of the users' pairs (``pair_prompts`` 0, the default), or
+   of those, then of their thumbs, then of the training split's prompts answered but
+   not rated (at most ``pair_prompts`` in all, :func:`pair_prompts`), the model as it
+   starts the round
    samples ``pair_samples`` replies as served (temperature 0.7, top-p 0.95, up to
    ``kl_probe_tokens`` tokens). A scorer (:func:`retrain.reward_model.train_reward_model`,
    the gate's kind) fitted to the round's thumbs and pairs of one half of the prompts
@@ -26,7 +27,8 @@ So, per round (:func:`refresh_pairs`):
    more than ``pair_gap``. These pairs say what users asked for in words the model
    already uses, so DPO can move toward them within the budget.
 
-Why so many prompts: users who edit and pick leave pairs on about 30 prompts in 200
+Why more prompts (``pair_prompts`` 200, not the default; README, "Own-reply pairs on the
+prompts users asked", says what keeps it off): users who edit and pick leave pairs on about 30 prompts in 200
 rated replies, and a content rule learnt from pairs on those few prompts does not carry
 to new ones. On the alignment benchmark's content judge (``on_subject``, ``dpo``, round
 2's rows; ``benchmarks/bench_round.py``, 72 held-out prompts, base 0.424), own-reply
@@ -122,15 +124,19 @@ def pair_prompts(dpo_rows: Sequence[dict], kto_rows: Sequence[dict],
     """The distinct prompts (by :func:`feedback_store.datasets.prompt_key`) whose own
     replies are ranked: those of the users' pairs, then of their thumbs, then ``asked``
     (prompts of the training split answered, rated or not), each group in a fixed
-    pseudo-random order (by a hash of the prompt), ``limit`` at most.
+    pseudo-random order (by a hash of the prompt), ``limit`` at most; ``limit`` 0: the
+    pairs' prompts alone (the default, ``TrainConfig.pair_prompts``).
 
     Why the thumbs' and the unrated prompts: users who edit and pick leave pairs on a
     few prompts (about 30 in 200 replies), while the scorer that ranks the replies
     generalises to any prompt. Drawn from the pairs' prompts alone, a round of the
     content judge (``on_subject``, ``dpo``) trained on 18 own pairs and was held; the
     replies users asked for and did not rate are just as much what they ask."""
+    groups = [[r["prompt"] for r in dpo_rows], [r["prompt"] for r in kto_rows], asked]
+    if limit == 0:  # the pairs' prompts alone
+        groups, limit = groups[:1], len(dpo_rows)
     seen: dict[str, list[dict]] = {}
-    for group in ([r["prompt"] for r in dpo_rows], [r["prompt"] for r in kto_rows], asked):
+    for group in groups:
         fresh = {prompt_key(p): list(p) for p in group}
         for key in sorted(fresh, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
             if len(seen) >= limit:

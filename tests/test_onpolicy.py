@@ -115,7 +115,7 @@ def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(
              _pair("Water?", "Water boils at one hundred degrees Celsius.", "I am not sure.")]
     thumbs = [{"prompt": _chat("Hello!"), "completion": [{"role": "assistant", "content": t}],
                "label": up} for t, up in (("Hello! How can I help?", True), ("No.", False))]
-    config = TrainConfig(kl_probe_tokens=24, pair_gap=0.0)
+    config = TrainConfig(kl_probe_tokens=24, pair_gap=0.0, pair_prompts=100)
     costs = pair_costs(model, tokenizer, users, max_length=512, batch_size=8)
     limit = sorted(costs)[1]  # keeps exactly the two cheapest
     rows, metrics = refresh_pairs(model, tokenizer, thumbs, users,
@@ -128,6 +128,11 @@ def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(
     assert metrics["pairs/own_prompts"] == 3
     assert {tuple(map(str, r["prompt"])) for r in rows[2:]} <= {
         tuple(map(str, u["prompt"])) for u in [*users, *thumbs]}
+
+    # pair_prompts 0 (the default): the pairs' prompts alone
+    _, alone = refresh_pairs(model, tokenizer, thumbs, users,
+                             replace(config, pair_cost_limit=limit, pair_prompts=0))
+    assert alone["pairs/own_prompts"] == 2
 
     unchanged, none = refresh_pairs(model, tokenizer, thumbs, users,
                                     replace(config, refresh_pairs=False))
@@ -151,6 +156,8 @@ def test_own_replies_are_ranked_on_the_pairs_prompts_then_the_thumbs_then_the_un
     assert sorted(every[5:]) == ["Asked 0?", "Asked 1?"]
     assert asked_of(4) == every[:4] and asked_of(1) == every[:1]
     assert asked_of(100) == every  # the order is fixed
+    # 0: the pairs' prompts alone, however many
+    assert sorted(asked_of(0)) == ["Pair 0?", "Pair 1?", "Pair 2?"]
 
 
 def test_a_round_ranks_own_replies_to_prompts_users_asked_and_did_not_rate(tiny, tmp_path):
@@ -210,7 +217,7 @@ def test_a_round_left_with_no_pairs_trains_on_the_users_pairs_as_given(tiny, tmp
 
 @pytest.mark.parametrize("field,value", [("pair_samples", 1), ("pair_gap", -0.1),
                                          ("pair_gap", math.inf), ("pair_cost_limit", math.nan),
-                                         ("refresh_pairs", None), ("pair_prompts", 0)])
+                                         ("refresh_pairs", None), ("pair_prompts", -1)])
 def test_bad_pair_settings_are_named(field: str, value: object):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value}).validate()
