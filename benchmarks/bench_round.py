@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
            "degenerate": degenerate, "truly_better": better, "train_seconds": seconds,
            "train_metrics": {k: v for k, v in result.metrics.items()
                              if k.startswith("pairs/") or k.endswith(_SHOWN)}}
-    pairs = {k: int(v) for k, v in result.metrics.items() if k.startswith("pairs/")
+    pairs = {k: round(v, 3) for k, v in result.metrics.items() if k.startswith("pairs/")
              and k != "pairs/users_median_cost"}
     print(f"{args.run} {args.version} {' '.join(args.train) or '(defaults)'}: {judge.name} "
           f"{score:.3f} (base {base_score:.3f}, rise {rise:+.3f}) at KL {kl:.3f}, "

@@ -10,6 +10,7 @@ ranking is known.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(
              _pair("Water?", "Water boils at one hundred degrees Celsius.", "I am not sure.")]
     thumbs = [{"prompt": _chat("Hello!"), "completion": [{"role": "assistant", "content": t}],
                "label": up} for t, up in (("Hello! How can I help?", True), ("No.", False))]
-    config = TrainConfig(kl_probe_tokens=24, pair_gap=0.0, pair_prompts=100)
+    # the scorer's check is off: five rows cannot show it beats chance (its own test below)
+    config = TrainConfig(kl_probe_tokens=24, pair_gap=0.0, pair_prompts=100,
+                         pair_min_accuracy=0.0)
     costs = pair_costs(model, tokenizer, users, max_length=512, batch_size=8)
     limit = sorted(costs)[1]  # keeps exactly the two cheapest
     rows, metrics = refresh_pairs(model, tokenizer, thumbs, users,
@@ -137,6 +140,47 @@ def test_refresh_keeps_the_pairs_within_the_cost_limit_and_adds_own_reply_pairs(
     unchanged, none = refresh_pairs(model, tokenizer, thumbs, users,
                                     replace(config, refresh_pairs=False))
     assert unchanged == users and none == {}
+
+
+def _rated(by_rule: bool) -> tuple[list[dict], list[dict]]:
+    """Thumbs and pairs on 46 prompts: by a rule (calm replies up, shouting down), or the
+    same replies with labels and sides drawn at random."""
+    draw = random.Random(3)
+    thumbs, pairs = [], []
+    for i in range(40):
+        calm = i % 2 == 0
+        text = f"Gladly, here is a calm answer about item {i}." if calm else f"No!! Item {i}!!"
+        up = calm if by_rule else draw.random() < 0.5
+        thumbs.append({"prompt": _chat(f"What about item {i}?"), "label": up,
+                       "completion": [{"role": "assistant", "content": text}]})
+    for i in range(6):
+        calm, loud = "Gladly, here is a calm answer.", "No!! Never!!"
+        keep = by_rule or draw.random() < 0.5
+        pairs.append(_pair(f"Tell me about topic {i}.", *((calm, loud) if keep else (loud, calm))))
+    return thumbs, pairs
+
+
+def test_own_reply_pairs_are_drawn_only_when_the_ratings_predict_themselves(tiny):
+    """A scorer fitted to random ratings ranks the model's replies by whatever it happened
+    to learn, and many such pairs push the model one way as surely as a real rule would
+    (on the demo model, a random-rating round with own-reply pairs on 100 prompts moved
+    a style judge by +0.10). So pairs are drawn only when the scorer's cross-validated
+    accuracy on the round's rows is above ``pair_min_accuracy`` at 95%."""
+    _, model, tokenizer = tiny
+    config = TrainConfig(kl_probe_tokens=8, pair_gap=0.0, pair_prompts=100)
+    rows, by_rule = refresh_pairs(model, tokenizer, *_rated(True), config)
+    assert by_rule["pairs/scorer_accuracy_lower_bound"] > 0.5
+    assert by_rule["pairs/own"] > 0 and by_rule["pairs/own_prompts"] == 46
+    rows, noise = refresh_pairs(model, tokenizer, *_rated(False), config)
+    assert noise["pairs/scorer_accuracy_lower_bound"] <= 0.5
+    assert noise["pairs/own"] == 0 and noise["pairs/own_prompts"] == 0
+    assert len(rows) == noise["pairs/users_kept"]
+    # 0 turns the check off
+    _, unchecked = refresh_pairs(model, tokenizer, *_rated(False),
+                                 replace(config, pair_min_accuracy=0.0))
+    assert unchecked["pairs/own"] > 0
+    with pytest.raises(ValueError, match="pair_min_accuracy"):
+        TrainConfig(pair_min_accuracy=1.0).validate()
 
 
 def test_own_replies_are_ranked_on_the_pairs_prompts_then_the_thumbs_then_the_unrated():
@@ -168,7 +212,8 @@ def test_a_round_ranks_own_replies_to_prompts_users_asked_and_did_not_rate(tiny,
              for i in range(6)]
     asked = [_chat(f"What about item {i}?") for i in range(10)]
     config = TrainConfig(device="cpu", dpo_steps=2, min_steps=0, batch_size=2, kl_budget=None,
-                         kl_probe_tokens=16, pair_gap=0.0, pair_prompts=12)
+                         kl_probe_tokens=16, pair_gap=0.0, pair_prompts=12,
+                         pair_min_accuracy=0.0)
     common = dict(base_model=str(path), parent_adapter=None, kto_rows=[], dpo_rows=users,
                   config=config)
     alone = train_round(**common, out_dir=tmp_path / "a")
@@ -196,7 +241,8 @@ def test_the_scorer_that_ranks_own_replies_sees_one_half_of_the_rows(tiny, monke
         return real(kto, dpo, **kwargs)
 
     monkeypatch.setattr(onpolicy, "train_reward_model", spy)
-    refresh_pairs(model, tokenizer, thumbs, users, TrainConfig(kl_probe_tokens=8))
+    refresh_pairs(model, tokenizer, thumbs, users,
+                  TrainConfig(kl_probe_tokens=8, pair_min_accuracy=0.0))
     ranking, gate = split_halves(thumbs, users)
     assert fitted == [ranking]
     assert ranking[1] and gate[1]  # both halves have pairs here: the test means something
