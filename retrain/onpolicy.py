@@ -170,8 +170,11 @@ def refresh_pairs(model: Any, tokenizer: Any, kto_rows: Sequence[dict],
     """The round's DPO rows (module doc): the users' pairs that cost the reference at most
     ``config.pair_cost_limit`` nats/token, then pairs of ``model``'s own replies to
     :func:`pair_prompts` (of the rows and ``asked``) ranked by a scorer fitted to the
-    ranking half of ``kto_rows``/``dpo_rows`` (:func:`retrain.reward_model.split_halves`).
-    Returns the rows and figures for the round's metrics (``pairs/...``)."""
+    ranking half of ``kto_rows``/``dpo_rows`` (:func:`retrain.reward_model.split_halves`),
+    drawn only when a scorer's accuracy cross-validated by prompt over all those rows has a
+    95% lower bound above ``config.pair_min_accuracy`` (0: always). Returns the rows and
+    figures for the round's metrics (``pairs/...``; ``pairs/scorer_accuracy_lower_bound``
+    is -1 when no row can check the scorer)."""
     if not config.refresh_pairs or not dpo_rows:
         return list(dpo_rows), {}
     start = time.perf_counter()
