@@ -37,7 +37,7 @@ from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_edit_cost import edit_cost  # noqa: E402
 from bench_gate import _truth  # noqa: E402
-from common import machine_note, model_or_demo, write_json  # noqa: E402
+from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,11 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, required=True)
-    parser.add_argument("--run", required=True, help="<condition>-<judge>, e.g. dpo-detailed")
-    parser.add_argument("--version", required=True, help="e.g. v0002")
-    parser.add_argument("--model", help="the run's model folder (default: the demo model, "
-                        "built into ./data when missing)")
+    add_candidate_args(parser, run_help="<condition>-<judge>, e.g. dpo-detailed")
     parser.add_argument("--rate", type=float, default=3e-3, help="the DPO phase's rate")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--gap", type=float, default=0.5)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_gate import _truth  # noqa: E402
-from common import machine_note, model_or_demo, write_json  # noqa: E402
+from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
 
 _SHOWN = ("steps", "kl_sampled", "kl_backoffs", "stopped_by_kl_budget")
 
@@ -122,15 +122,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, required=True)
-    parser.add_argument("--run", required=True, help="<condition>-<judge> or control")
-    parser.add_argument("--version", required=True, help="e.g. v0002")
+    add_candidate_args(parser, run_help="<condition>-<judge> or control")
     parser.add_argument("--judge", choices=sorted(JUDGES),
                         help="the judge (default: the run's; required for control)")
     parser.add_argument("--heldout", type=int, default=72, help="held-out prompts (72)")
     parser.add_argument("--train", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--model", help="the run's model folder (default: the demo model, "
-                                        "built into ./data when missing)")
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)

@@ -63,6 +63,16 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("; ".join(problems))
 
 
+def add_candidate_args(parser: argparse.ArgumentParser, *, run_help: str) -> None:
+    """``--work-dir``, ``--run``, ``--version`` and ``--model``: one candidate of a
+    ``bench_alignment.py --work-dir`` run, trained again in process."""
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--run", required=True, help=run_help)
+    parser.add_argument("--version", required=True, help="e.g. v0002")
+    parser.add_argument("--model", help="the run's model folder (default: the demo model, "
+                        "built into ./data when missing)")
+
+
 # ------------------------------------------------------------------------- models, adapters
 
 

@@ -17,9 +17,10 @@ So, per round (:func:`refresh_pairs`):
 2. When the feedback predicts itself (below), for each distinct prompt of the users'
    pairs, then of their thumbs, then of the training split's prompts answered but not
    rated (at most ``pair_prompts`` in all, 200 by default; 0: the pairs' prompts alone;
-   :func:`pair_prompts`), the model as it starts the round samples ``pair_samples`` replies as served (temperature 0.7, top-p 0.95, up to
-   ``kl_probe_tokens`` tokens). A scorer (:func:`retrain.reward_model.train_reward_model`,
-   the gate's kind) fitted to the round's thumbs and pairs of one half of the prompts
+   :func:`pair_prompts`), the model as it starts the round samples ``pair_samples``
+   replies as served (temperature 0.7, top-p 0.95, up to ``kl_probe_tokens`` tokens). A
+   scorer (:func:`retrain.reward_model.train_reward_model`, the gate's kind) fitted to
+   the round's thumbs and pairs of one half of the prompts
    (:func:`retrain.reward_model.split_halves`; the gate's scorer is fitted to the other
    half, so the candidate cannot please it by learning this one's mistakes) ranks them;
    the best and the worst become a pair when their log-odds of a thumbs-up differ by
@@ -143,8 +144,8 @@ def pair_prompts(dpo_rows: Sequence[dict], kto_rows: Sequence[dict],
     """The distinct prompts (by :func:`feedback_store.datasets.prompt_key`) whose own
     replies are ranked: those of the users' pairs, then of their thumbs, then ``asked``
     (prompts of the training split answered, rated or not), each group in a fixed
-    pseudo-random order (by a hash of the prompt), ``limit`` at most; ``limit`` 0: the
-    pairs' prompts alone (the default, ``TrainConfig.pair_prompts``).
+    pseudo-random order (by a hash of the prompt), ``limit`` at most
+    (``TrainConfig.pair_prompts``, 200 by default); ``limit`` 0: the pairs' prompts alone.
 
     Why the thumbs' and the unrated prompts: users who edit and pick leave pairs on a
     few prompts (about 30 in 200 replies), while the scorer that ranks the replies
