@@ -82,8 +82,11 @@ class TrainConfig:
       0.5, ``pair_prompts`` 200, ``pair_min_accuracy`` 0.5 (:mod:`retrain.onpolicy`):
       DPO trains on the users' pairs that cost the base at most 1.5 nats/token and on
       pairs of the model's own replies, to up to 200 of the prompts users asked, ranked
-      by a scorer fitted to the feedback, at 3e-3. With own-reply pairs on the prompts
-      of the users' pairs alone (``pair_prompts`` 0), edits did not teach the content
+      by a scorer fitted to the feedback, at 3e-3. A round of thumbs alone draws them
+      too: thumbs-only candidates of the content judge (``on_subject``) rose -0.007 to
+      +0.017 on 72 held-out prompts without them, +0.075 to +0.087 with them (the
+      alignment benchmark's ``kto`` runs; :mod:`retrain.onpolicy`). With own-reply pairs
+      on the prompts of the users' pairs alone (``pair_prompts`` 0), edits did not teach the content
       judge (``on_subject``, ``dpo``, round 2's rows, 72 held-out prompts: +0.007 and
       -0.062 over two seeds); on 200 prompts and up to 300 steps, +0.087 and +0.083 at
       KL 0.04-0.05 (``benchmarks/bench_round.py``; 200 steps: +0.075). The pairs are
@@ -719,16 +722,17 @@ def _round_pairs(model: Any, tokenizer: Any, kto_rows: list[dict], dpo_rows: lis
                  ) -> tuple[list[DPOExample], dict[str, float]]:
     """The DPO examples the round trains on (:func:`retrain.onpolicy.refresh_pairs`),
     the same in every process (the main process's); ``given`` (the users' pairs,
-    ``dpo_rows`` encoded) when the refresh is off or leaves nothing."""
+    ``dpo_rows`` encoded) when the refresh is off or leaves nothing. A round of thumbs
+    alone gets own-reply pairs too, and with none it is the KTO phase alone."""
     from retrain.onpolicy import refresh_pairs
 
-    if not config.refresh_pairs or not dpo_rows:
+    if not config.refresh_pairs:
         return given, {}
     mine = (refresh_pairs(model, tokenizer, kto_rows, dpo_rows, config, asked or [])
             if world.main or world.size == 1 else None)
     rows, metrics = world.broadcast(mine)
     if not rows:
-        return given, {**metrics, "pairs/as_given": 1.0}
+        return given, {**metrics, "pairs/as_given": 1.0} if dpo_rows else metrics
     return modeling.encode_dpo_rows(tokenizer, rows, max_length=config.max_length), metrics
 
 

@@ -248,6 +248,30 @@ def test_the_scorer_that_ranks_own_replies_sees_one_half_of_the_rows(tiny, monke
     assert ranking[1] and gate[1]  # both halves have pairs here: the test means something
 
 
+def test_a_round_of_thumbs_alone_trains_dpo_on_own_reply_pairs_the_thumbs_rank(tiny, tmp_path):
+    """Users who only give thumbs leave no pairs, yet the scorer fitted to their thumbs
+    ranks the model's own replies as well as one fitted to pairs: the round draws
+    own-reply pairs from it and trains its DPO phase on them after the KTO phase. Random
+    thumbs draw none, and the round is the KTO phase alone."""
+    path, _, _ = tiny
+    config = TrainConfig(device="cpu", kto_steps=2, dpo_steps=2, min_steps=0, batch_size=2,
+                         kl_budget=None, kl_probe_tokens=8, pair_gap=0.0, pair_prompts=12)
+
+    def round_on(thumbs: list[dict], name: str) -> dict[str, float]:
+        return train_round(base_model=str(path), parent_adapter=None, kto_rows=thumbs,
+                           dpo_rows=[], out_dir=tmp_path / name, config=config).metrics
+
+    ruled = round_on(_rated(True)[0], "rule")
+    assert ruled["pairs/users"] == 0 and ruled["pairs/scorer_accuracy_lower_bound"] > 0.5
+    assert ruled["pairs/own_prompts"] == 12 and ruled["pairs/own"] > 0
+    assert ruled["dpo/rows"] == ruled["pairs/own"] and ruled["kto/rows"] == 40
+    assert "pairs/as_given" not in ruled  # there were no users' pairs to fall back on
+    noise = round_on(_rated(False)[0], "random")
+    assert noise["pairs/scorer_accuracy_lower_bound"] <= 0.5 and noise["pairs/own"] == 0
+    assert "dpo/rows" not in noise and noise["kto/rows"] == 40
+    assert (tmp_path / "random" / "adapter_config.json").is_file()
+
+
 def test_a_round_left_with_no_pairs_trains_on_the_users_pairs_as_given(tiny, tmp_path):
     path, _, _ = tiny
     users = [_pair("Tell me about cats.", "Cats sleep for most of the day.", "No."),
