@@ -15,9 +15,10 @@ So, per round (:func:`refresh_pairs`):
    minus that of the rejected one, per token of the chosen (nats/token). Pairs that cost
    at most ``TrainConfig.pair_cost_limit`` are kept as they are.
 2. When the feedback predicts itself (below), whether the round has users' pairs or
-   thumbs alone, for each distinct prompt of the users' pairs, then of their thumbs, then of the training split's prompts answered but not
-   rated (at most ``pair_prompts`` in all, 200 by default; 0: the pairs' prompts alone;
-   :func:`pair_prompts`), the model as it starts the round samples ``pair_samples``
+   thumbs alone, for each distinct prompt of the users' pairs, then of their thumbs,
+   then of the training split's prompts answered but not rated (at most
+   ``pair_prompts`` in all, 200 by default; 0: the pairs' prompts alone, so none with
+   thumbs alone; :func:`pair_prompts`), the model as it starts the round samples ``pair_samples``
    replies as served (temperature 0.7, top-p 0.95, up to ``kl_probe_tokens`` tokens). A
    scorer (:func:`retrain.reward_model.train_reward_model`, the gate's kind) fitted to
    the round's thumbs and pairs of one half of the prompts
@@ -51,10 +52,10 @@ the bound was 0.57-0.95 for every judge and 0.38-0.49 for the random-rating cont
 Why thumbs alone draw pairs too: KTO learns how each rated reply was liked, which
 taught style and length but not a content rule. On the alignment benchmark's
 ``on_subject`` judge, thumbs-only rounds moved the served replies by -0.007 to +0.017 on
-72 held-out prompts (base 0.424): noise. A scorer fitted to the same thumbs ranks the
-model's own replies as well as one fitted to pairs (its cross-validated bound 0.63-0.73
-on those rounds), so a round with thumbs and no pairs now draws own-reply pairs the same
-way, and trains the DPO phase on them after the KTO phase. The same benchmark's three
+72 held-out prompts (base 0.424): noise. A scorer fitted to the same thumbs does learn
+the rule (its cross-validated accuracy bound was 0.63-0.73 on those rounds), so a round
+with thumbs and no pairs now draws own-reply pairs the same way, and trains the DPO
+phase on them after the KTO phase. The same benchmark's three
 ``kto``/``on_subject`` candidates then rose +0.075, +0.080 and +0.087 on 72 held-out
 prompts (base 0.377 on that build), all truly better, at KL 0.056-0.070; ``concise`` and
 ``calm`` stayed past half way. Random thumbs still draw none (the check above).

@@ -86,8 +86,8 @@ class TrainConfig:
       too: thumbs-only candidates of the content judge (``on_subject``) rose -0.007 to
       +0.017 on 72 held-out prompts without them, +0.075 to +0.087 with them (the
       alignment benchmark's ``kto`` runs; :mod:`retrain.onpolicy`). With own-reply pairs
-      on the prompts of the users' pairs alone (``pair_prompts`` 0), edits did not teach the content
-      judge (``on_subject``, ``dpo``, round 2's rows, 72 held-out prompts: +0.007 and
+      on the prompts of the users' pairs alone (``pair_prompts`` 0), edits did not teach
+      the content judge (``on_subject``, ``dpo``, round 2's rows, 72 held-out prompts: +0.007 and
       -0.062 over two seeds); on 200 prompts and up to 300 steps, +0.087 and +0.083 at
       KL 0.04-0.05 (``benchmarks/bench_round.py``; 200 steps: +0.075). The pairs are
       drawn only when the scorer's cross-validated accuracy on the round's rows is above
