@@ -102,6 +102,13 @@ def _draw(logits: torch.Tensor, temperature: float, top_p: float,
     nucleus, by inverse transform: one uniform number per row from ``generator``, so two
     models sampled with the same seed share their random numbers token by token."""
     u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
+    return _pick(logits, temperature, top_p, u)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float,
+          u: torch.Tensor) -> torch.Tensor:
+    """:func:`_draw` with its uniform numbers ``u`` (one per row, shape ``(rows, 1)``)
+    given."""
     scores = logits / temperature
     nucleus = _nucleus(scores, top_p) if top_p < 1.0 else None
     if nucleus is None:
@@ -156,7 +163,12 @@ def _sample_rows(
     generator: torch.Generator,
 ) -> list[list[int]]:
     """One reply per row of prompt ids, all rows decoded together (left padding: the
-    attention mask hides the pads and positions count real tokens only)."""
+    attention mask hides the pads and positions count real tokens only).
+
+    A row whose reply has ended leaves the batch (and the KV cache): one long reply no
+    longer makes every finished row run to its end. The uniform numbers are still drawn
+    for every row at every token, so each row gets the same numbers, and the same
+    reply, as when all rows run to the end."""
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
@@ -165,23 +177,34 @@ def _sample_rows(
         ids[i, width - len(r):] = torch.tensor(r, device=device)
         mask[i, width - len(r):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
     replies: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
+    active = list(range(len(rows)))  # the rows still decoding, in batch order
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
-        tokens = (logits.argmax(-1) if temperature == 0
-                  else _draw(logits, temperature, top_p, generator))
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                replies[row].append(token)
-                done[row] = token in stop_ids
-        if all(done):
+        if temperature == 0:
+            tokens = logits.argmax(-1)
+        else:
+            u = torch.rand((len(rows), 1), generator=generator, device=device)
+            tokens = _pick(logits, temperature, top_p, u[active])
+        keep = []
+        for place, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
+            replies[row].append(token)
+            if token not in stop_ids:
+                keep.append(place)
+        if not keep:
             break
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions, tokens = mask[index], positions[index], tokens[index]
+            active = [active[place] for place in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=cache, use_cache=True)
     return replies
 
 

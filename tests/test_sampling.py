@@ -127,3 +127,30 @@ def test_nucleus_draws_follow_the_filtered_softmax_whichever_path_they_take() ->
             freq = torch.bincount(draws[:, row], minlength=1000) / len(draws)
             assert (freq[want[row] == 0] == 0).all()
             assert (freq - want[row]).abs().max() < 0.03
+
+
+def test_a_finished_reply_leaves_the_batch_and_changes_no_other_reply(setup) -> None:
+    """Rows whose reply has ended stop being decoded (the forward passes shrink), and
+    every row still gets what it gets decoded alone, to the same token budget."""
+    model, tokenizer, prompts = setup
+    greedy = _sample(model, tokenizer, prompts, 2, max_new_tokens=16)
+    # a stop set holding the first token of some replies but not of others
+    firsts = sorted({g[0][0] for g in greedy})
+    assert len(firsts) > 1, "the tiny model's replies need different first tokens"
+    stop = {firsts[0]}
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = _sample(model, tokenizer, prompts, 2, max_new_tokens=16, stop_ids=stop)
+    finally:
+        hook.remove()
+    alone = [_sample(model, tokenizer, [p], 2, max_new_tokens=16, stop_ids=stop)[0]
+             for p in prompts]
+    assert together == alone
+    rows = [r for g in together for r in g]
+    first_ended = sum(r[0] in stop for r in rows)
+    assert 0 < first_ended < len(rows)
+    assert sizes[0] == len(rows)  # the prompts
+    assert sizes[1] == len(rows) - first_ended  # the rows that ended at once have left
+    assert sizes == sorted(sizes, reverse=True)
