@@ -72,22 +72,14 @@ def encode_prompt(tokenizer: Any, messages: list[dict], budget: int) -> list[int
 _NUCLEUS_CANDIDATES = 64
 
 
-def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Rows of ``scores`` with tokens outside the top-``top_p`` nucleus set to -inf."""
-    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -1] = False
-    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-
-
-def _nucleus(scores: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _nucleus(scores: torch.Tensor, top_p: float, candidates: int = _NUCLEUS_CANDIDATES
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each row's top-``top_p`` nucleus as ``(token ids, probabilities)`` over its
-    ``_NUCLEUS_CANDIDATES`` most likely tokens (probabilities 0 outside the nucleus), or
-    None when some row's nucleus reaches past them. The same nucleus as
-    :func:`_top_p_filter` (a token stays while the mass ranked above it is below
-    ``top_p``), without sorting the whole vocabulary at every token."""
-    k = min(_NUCLEUS_CANDIDATES, scores.shape[-1])
+    ``candidates`` most likely tokens, likeliest first (probabilities 0 outside the
+    nucleus), or None when some row's nucleus reaches past them. A token stays while the
+    mass ranked above it is below ``top_p``: the nucleus of sorting the whole vocabulary
+    and cutting its tail, without that sort at every token."""
+    k = min(candidates, scores.shape[-1])
     top, ids = scores.topk(k, dim=-1)
     probs = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()
     above = probs.cumsum(dim=-1) - probs
@@ -108,13 +100,15 @@ def _draw(logits: torch.Tensor, temperature: float, top_p: float,
 def _pick(logits: torch.Tensor, temperature: float, top_p: float,
           u: torch.Tensor) -> torch.Tensor:
     """:func:`_draw` with its uniform numbers ``u`` (one per row, shape ``(rows, 1)``)
-    given."""
+    given. The nucleus is always ranked likeliest first (the whole vocabulary sorted
+    when the 64 likeliest tokens do not hold it), so a row's token depends on its own
+    logits and number, not on which other rows share the batch."""
     scores = logits / temperature
-    nucleus = _nucleus(scores, top_p) if top_p < 1.0 else None
-    if nucleus is None:
-        ids, probs = None, (_top_p_filter(scores, top_p) if top_p < 1.0 else scores).softmax(-1)
+    if top_p < 1.0:
+        ids, probs = (_nucleus(scores, top_p)
+                      or _nucleus(scores, top_p, candidates=scores.shape[-1]))
     else:
-        ids, probs = nucleus
+        ids, probs = None, scores.softmax(-1)
     cdf = probs.cumsum(dim=-1)
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(1)
@@ -165,10 +159,11 @@ def _sample_rows(
     """One reply per row of prompt ids, all rows decoded together (left padding: the
     attention mask hides the pads and positions count real tokens only).
 
-    A row whose reply has ended leaves the batch (and the KV cache): one long reply no
-    longer makes every finished row run to its end. The uniform numbers are still drawn
-    for every row at every token, so each row gets the same numbers, and the same
-    reply, as when all rows run to the end."""
+    A row whose reply has ended leaves the batch (and the KV cache), so one long reply
+    does not make every finished row run on to its end. The uniform numbers are drawn
+    up front, one per row and token, so the ``t``-th token of a row uses the same
+    number whatever the other rows' replies are, and two adapters sampled with the same
+    seed differ only where their own distributions do."""
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
@@ -182,13 +177,14 @@ def _sample_rows(
     cache = out.past_key_values
     replies: list[list[int]] = [[] for _ in rows]
     active = list(range(len(rows)))  # the rows still decoding, in batch order
-    for _ in range(max_new_tokens):
+    draws = (None if temperature == 0 else
+             torch.rand((max_new_tokens, len(rows), 1), generator=generator, device=device))
+    for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()
-        if temperature == 0:
+        if draws is None:
             tokens = logits.argmax(-1)
         else:
-            u = torch.rand((len(rows), 1), generator=generator, device=device)
-            tokens = _pick(logits, temperature, top_p, u[active])
+            tokens = _pick(logits, temperature, top_p, draws[t, active])
         keep = []
         for place, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
             replies[row].append(token)

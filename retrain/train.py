@@ -123,7 +123,10 @@ class TrainConfig:
       every 10 steps, with 3 over in a row to back off (the same 30 steps), put the
       full alignment benchmark at 61 minutes. (Drawing each token from the nucleus of
       the 64 likeliest tokens instead of sorting the vocabulary brought a check from
-      2.5 to 1.9 s, and a round of 210 steps from 80 to 67 s.) The probe
+      2.5 to 1.9 s, and a round of 210 steps from 80 to 67 s; letting each finished
+      reply leave the batch brought a thumbs-only round of 260 steps and 18 checks from
+      171 to 153 s, the checks from 2.7 to 2.1 s each: ``benchmarks/bench_sampling.py``.)
+      The probe
       samples up to ``kl_probe_tokens`` 256 tokens, as many as the gate does: with 64 a
       round whose replies ran long read 0.127 in training and 0.35 at the gate (KL
       grows along a reply as it drifts), so it passed its budget and was rejected.

@@ -103,6 +103,24 @@ def test_encode_prompt_drops_oldest_turns_over_budget(setup) -> None:
     assert short == encode_prompt(tokenizer, chat[1:], 10_000)  # the oldest turn went
 
 
+def test_a_sampled_reply_does_not_depend_on_the_rows_beside_it(setup) -> None:
+    """Sampled (not greedy) replies: each row keeps its own random numbers token by token,
+    whichever rows share its batch and however long their replies run; so the replies
+    of a batch are those of each prompt sampled in a batch of its own with the same
+    numbers (the first chunk's rows are the same rows, so the same numbers)."""
+    model, tokenizer, prompts = setup
+    kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=16)
+    # a stop token that the first reply says early: rows end at different tokens
+    kw["stop_ids"] = {_sample(model, tokenizer, prompts, 1, **kw)[0][0][2]}
+    together = _sample(model, tokenizer, prompts, 1, **kw)
+    assert len({len(r[0]) for r in together}) > 1  # replies of different lengths
+    for i, prompt in enumerate(prompts):
+        # the same prompt in row i, the other rows replaced by another prompt
+        other = prompts[(i + 1) % len(prompts)]
+        mixed = [prompt if j == i else other for j in range(len(prompts))]
+        assert _sample(model, tokenizer, mixed, 1, **kw)[i] == together[i]
+
+
 def test_nucleus_draws_follow_the_filtered_softmax_whichever_path_they_take() -> None:
     """The fast path (the nucleus among the 64 likeliest tokens) keeps exactly the tokens
     the full-vocabulary filter keeps; a flat row, whose nucleus is wider, falls back to
@@ -112,7 +130,7 @@ def test_nucleus_draws_follow_the_filtered_softmax_whichever_path_they_take() ->
     flat = torch.randn(1, 1000) * 0.1
     for logits in (peaked, torch.cat([peaked, flat])):
         scores = logits / 0.7
-        want = sampling._top_p_filter(scores, 0.95).softmax(-1)
+        want = _top_p_filter(scores, 0.95).softmax(-1)
         nucleus = sampling._nucleus(scores, 0.95)
         if logits is peaked:
             ids, probs = nucleus
@@ -154,3 +172,13 @@ def test_a_finished_reply_leaves_the_batch_and_changes_no_other_reply(setup) -> 
     assert sizes[0] == len(rows)  # the prompts
     assert sizes[1] == len(rows) - first_ended  # the rows that ended at once have left
     assert sizes == sorted(sizes, reverse=True)
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by its definition: ``scores`` with the tokens outside each row's
+    top-``top_p`` nucleus (the whole vocabulary sorted, its tail cut) set to -inf."""
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
