@@ -57,18 +57,10 @@ def _full_rows(model: Any, rows: list[list[int]], *, temperature: float, top_p: 
     """The sampler's loop with every row decoded to the end of the batch's longest reply."""
     import torch
 
-    from retrain.sampling import _pick
+    from retrain.sampling import _pick, prefill
 
     device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, device=device)
-        mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out, mask, positions = prefill(model, rows)
     draws = torch.rand((max_new_tokens, len(rows), 1), generator=generator, device=device)
     replies: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)

@@ -146,6 +146,23 @@ def sample_replies(
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+def prefill(model: Any, rows: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Run the prompts ``rows`` (left-padded into one batch) through ``model`` with a KV
+    cache; return its output (the last position's logits only), the attention mask and
+    the positions (real tokens counted from 0 in each row)."""
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, device=device)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    return out, mask, positions
+
+
 def _sample_rows(
     model: Any,
     rows: list[list[int]],
@@ -165,15 +182,7 @@ def _sample_rows(
     number whatever the other rows' replies are, and two adapters sampled with the same
     seed differ only where their own distributions do."""
     device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, device=device)
-        mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out, mask, positions = prefill(model, rows)
     cache = out.past_key_values
     replies: list[list[int]] = [[] for _ in rows]
     active = list(range(len(rows)))  # the rows still decoding, in batch order
