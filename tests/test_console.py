@@ -54,7 +54,10 @@ from retrain import start_scheduler
 torch.set_num_threads(1)
 
 SMALL_TRAIN = {"kto_steps": 4, "dpo_steps": 4, "batch_size": 4, "learning_rate": 5e-3,
-               "max_length": 128, "lora_r": 8, "log_every": 1}
+               "max_length": 128, "lora_r": 8, "log_every": 1,
+               # a random-weight model's replies never end: the KL probe and the own-reply
+               # pairs sample 24 tokens, as the gate does, not 256
+               "kl_probe_tokens": 24}
 TINY_GATE = {"max_degenerate_share": 1.0, "max_degenerate_increase": 1.0, "max_canary_kl": 5.0,
              "max_new_tokens": 24}
 OPERATOR = ("ops", "operator-secret-1")

@@ -16,7 +16,10 @@ from retrain import RetrainSettings, start_round
 from retrain.publish import read_manifest
 
 SMALL_TRAIN = {"kto_steps": 6, "dpo_steps": 6, "batch_size": 4, "learning_rate": 5e-3,
-               "max_length": 128, "lora_r": 8, "log_every": 1}
+               "max_length": 128, "lora_r": 8, "log_every": 1,
+               # a random-weight model's replies never end: the KL probe and the own-reply
+               # pairs sample 24 tokens, as the gate does, not 256
+               "kl_probe_tokens": 24}
 # A random-weight model's sampled replies are noise either way, so the degenerate-reply
 # and KL limits are opened up for it, and its replies (which never end on their own)
 # are cut short; the evidence checks (held-out size, scorer, score bound) still apply.
