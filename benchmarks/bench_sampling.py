@@ -57,7 +57,7 @@ def _full_rows(model: Any, rows: list[list[int]], *, temperature: float, top_p: 
     """The sampler's loop with every row decoded to the end of the batch's longest reply."""
     import torch
 
-    from retrain.sampling import _pick, prefill
+    from retrain.sampling import _draw, prefill
 
     device = next(model.parameters()).device
     out, mask, positions = prefill(model, rows)
@@ -65,7 +65,7 @@ def _full_rows(model: Any, rows: list[list[int]], *, temperature: float, top_p: 
     replies: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     for t in range(max_new_tokens):
-        tokens = _pick(out.logits[:, -1].float(), temperature, top_p, draws[t])
+        tokens = _draw(out.logits[:, -1].float(), temperature, top_p, draws[t])
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 replies[row].append(token)

@@ -89,20 +89,12 @@ def _nucleus(scores: torch.Tensor, top_p: float, candidates: int = _NUCLEUS_CAND
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_p: float,
-          generator: torch.Generator) -> torch.Tensor:
-    """One token per row from ``softmax(logits / temperature)`` cut to the top-``top_p``
-    nucleus, by inverse transform: one uniform number per row from ``generator``, so two
-    models sampled with the same seed share their random numbers token by token."""
-    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
-    return _pick(logits, temperature, top_p, u)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float,
           u: torch.Tensor) -> torch.Tensor:
-    """:func:`_draw` with its uniform numbers ``u`` (one per row, shape ``(rows, 1)``)
-    given. The nucleus is always ranked likeliest first (the whole vocabulary sorted
-    when the 64 likeliest tokens do not hold it), so a row's token depends on its own
-    logits and number, not on which other rows share the batch."""
+    """One token per row from ``softmax(logits / temperature)`` cut to the top-``top_p``
+    nucleus, by inverse transform of the row's uniform number in ``u`` (shape
+    ``(rows, 1)``). The nucleus is always ranked likeliest first (the whole vocabulary
+    sorted when the 64 likeliest tokens do not hold it), so a row's token depends on its
+    own logits and number, not on which other rows share the batch."""
     scores = logits / temperature
     if top_p < 1.0:
         ids, probs = (_nucleus(scores, top_p)
@@ -193,7 +185,7 @@ def _sample_rows(
         if draws is None:
             tokens = logits.argmax(-1)
         else:
-            tokens = _pick(logits, temperature, top_p, draws[t, active])
+            tokens = _draw(logits, temperature, top_p, draws[t, active])
         keep = []
         for place, (row, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
             replies[row].append(token)

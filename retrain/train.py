@@ -126,10 +126,9 @@ class TrainConfig:
       2.5 to 1.9 s, and a round of 210 steps from 80 to 67 s; letting each finished
       reply leave the batch brought a thumbs-only round of 260 steps and 18 checks from
       171 to 153 s, the checks from 2.7 to 2.1 s each: ``benchmarks/bench_sampling.py``.)
-      The probe
-      samples up to ``kl_probe_tokens`` 256 tokens, as many as the gate does: with 64 a
-      round whose replies ran long read 0.127 in training and 0.35 at the gate (KL
-      grows along a reply as it drifts), so it passed its budget and was rejected.
+      The probe samples up to ``kl_probe_tokens`` 256 tokens, as many as the gate does:
+      with 64 a round whose replies ran long read 0.127 in training and 0.35 at the gate
+      (KL grows along a reply as it drifts), so it passed its budget and was rejected.
     - ``start_from`` "base": each round trains a fresh LoRA on all the feedback so far.
     - ``min_steps`` 60: a phase with few rows still runs 60 steps, and the KL budget, not
       the epoch count, says when to stop. Edits alone give few rows (about 35 pairs in

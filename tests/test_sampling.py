@@ -140,7 +140,10 @@ def test_nucleus_draws_follow_the_filtered_softmax_whichever_path_they_take() ->
         else:
             assert nucleus is None
         generator = torch.Generator().manual_seed(1)
-        draws = torch.stack([sampling._draw(logits, 0.7, 0.95, generator) for _ in range(4000)])
+        draws = torch.stack([
+            sampling._draw(logits, 0.7, 0.95,
+                           torch.rand((logits.shape[0], 1), generator=generator))
+            for _ in range(4000)])
         for row in range(logits.shape[0]):
             freq = torch.bincount(draws[:, row], minlength=1000) / len(draws)
             assert (freq[want[row] == 0] == 0).all()
