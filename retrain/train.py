@@ -159,6 +159,10 @@ class TrainConfig:
       seed), ``beta`` 0.2 (+0.097 at KL 0.097), 8 replies per prompt (+0.066), and the
       best reply against each other one (291 pairs, +0.068). The KTO phases of those
       rounds hit ``kto_steps`` either way; a DPO phase costs about 30 s more.
+      Those rounds drew own-reply pairs on 200 prompts, some asked after round 1
+      (``bench_round.py`` reads the asked prompts without an event bound), so they
+      overstate a worker's round 1; through the service, the 20-epoch round-1
+      candidate of ``on_subject`` rose only +0.028 on the same 72 prompts (README).
 
     ``processes`` above 1 trains the round data-parallel on that many processes
     (:mod:`retrain.distributed`, through ``accelerate launch``; one GPU each on CUDA).
