@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .convert import utc
@@ -215,22 +215,34 @@ def build_dpo_rows(store: FeedbackStore, flt: RowFilter | None = None, *,
 
 def build_asked_prompts(store: FeedbackStore, *, split: str = "eval",
                         eval_fraction: float = DEFAULT_EVAL_FRACTION,
-                        last_conversations: int = 5000) -> list[list[dict[str, str]]]:
+                        last_conversations: int = 5000,
+                        up_to_event_id: int | None = None) -> list[list[dict[str, str]]]:
     """The distinct prompts (by :func:`prompt_key`) that the model answered, rated or not,
     in ``split``: each one the thread before an assistant reply, as in the training rows.
 
     A prompt of the ``eval`` split is never in a training row, so these are prompts a
     candidate never saw, also where nobody rated the reply. The newest
-    ``last_conversations`` conversations are read."""
-    RowFilter(split=split, eval_fraction=eval_fraction).validate()
+    ``last_conversations`` conversations are read. With ``up_to_event_id``, only the
+    replies made by the time of that event (the newest event up to that id), as the
+    rows of :class:`RowFilter` with the same bound: the prompts of a round, read again
+    later, are the ones it had."""
+    RowFilter(split=split, eval_fraction=eval_fraction, up_to_event_id=up_to_event_id).validate()
 
     def work(s: Session) -> list[list[dict[str, str]]]:
-        ids = set(s.scalars(select(ConversationRow.id).order_by(ConversationRow.id.desc())
+        conversations = select(ConversationRow.id)
+        until = None
+        if up_to_event_id is not None:
+            until = s.scalar(select(func.max(FeedbackEventRow.created_at))
+                             .where(FeedbackEventRow.id <= up_to_event_id))
+            if until is None:
+                return []
+            conversations = conversations.where(ConversationRow.created_at <= until)
+        ids = set(s.scalars(conversations.order_by(ConversationRow.id.desc())
                             .limit(last_conversations)))
         threads = _Threads(s, ids)
         found: dict[str, list[dict[str, str]]] = {}
         for _, reply in sorted(threads.messages.items()):
-            if reply.role != "assistant":
+            if reply.role != "assistant" or (until is not None and reply.created_at > until):
                 continue
             prompt = threads.prompt(reply)
             if not any(m["role"] == "user" for m in prompt):

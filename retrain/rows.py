@@ -51,7 +51,8 @@ def ranked_own_pairs(train_metrics: dict[str, Any]) -> bool:
 
 
 def round_rows(store: FeedbackStore, last_event_id: int, eval_fraction: float) -> RoundRows:
-    """The :class:`RoundRows` of the feedback up to event ``last_event_id``."""
+    """The :class:`RoundRows` of the feedback up to event ``last_event_id``, and of the
+    prompts answered by then: read again later, a round's rows are the ones it had."""
     snap = {"up_to_event_id": last_event_id, "eval_fraction": eval_fraction}
 
     def kto(split: str) -> list[dict]:
@@ -61,5 +62,5 @@ def round_rows(store: FeedbackStore, last_event_id: int, eval_fraction: float) -
     return RoundRows(
         kto=kto("train"), dpo=build_dpo_rows(store, RowFilter(split="train", **snap)),
         heldout_kto=kto("eval"), heldout_dpo=build_dpo_rows(store, RowFilter(split="eval", **snap)),
-        asked=build_asked_prompts(store, split="eval", eval_fraction=eval_fraction),
-        train_asked=build_asked_prompts(store, split="train", eval_fraction=eval_fraction))
+        asked=build_asked_prompts(store, split="eval", **snap),
+        train_asked=build_asked_prompts(store, split="train", **snap))

@@ -383,14 +383,19 @@ def test_a_rounds_rows_are_the_feedback_up_to_its_event_split_by_prompt(
     fraction = 0.5
     held_q = next(f"held {i}" for i in range(100) if split_of(f"held {i}", fraction) == "eval")
     train_q = next(f"train {i}" for i in range(100) if split_of(f"train {i}", fraction) == "train")
+    unrated = next(f"unrated {i}" for i in range(100) if split_of(f"unrated {i}", fraction) == "eval")
+    one_reply(store, unrated, "Never rated.")
     for question in (held_q, train_q):
         store.rate(reply_id=one_reply(store, question, "Liked."), rating="up")
         store.edit_reply(reply_id=one_reply(store, question, "Too long, sorry!"),
                          content="Short.", user_id="ann")
-    unrated = next(f"unrated {i}" for i in range(100) if split_of(f"unrated {i}", fraction) == "eval")
-    one_reply(store, unrated, "Never rated.")
     last = store.last_event_id()
     store.rate(reply_id=one_reply(store, train_q, "Rated later."), rating="down")
+    # prompts answered after the round's last event are not the round's
+    later = [f"later {i}" for i in range(40)]
+    for question in later:
+        one_reply(store, question, "Asked later.")
+    assert {split_of(q, fraction) for q in later} == {"train", "eval"}
 
     rows = round_rows(store, last, fraction)
     for kto, dpo, question in ((rows.kto, rows.dpo, train_q),
@@ -404,6 +409,11 @@ def test_a_rounds_rows_are_the_feedback_up_to_its_event_split_by_prompt(
             prompt_key([msg("user", question)])}
     assert sorted(prompt_key(p) for p in rows.asked) == sorted(
         prompt_key([msg("user", q)]) for q in (held_q, unrated))
+    assert [prompt_key(p) for p in rows.train_asked] == [prompt_key([msg("user", train_q)])]
+    # read without the bound, the later prompts are there
+    everything = {prompt_key(p) for p in build_asked_prompts(store, split="all")}
+    assert {prompt_key([msg("user", q)]) for q in later} <= everything
+    assert build_asked_prompts(store, split="all", up_to_event_id=0) == []
     # what the gate is given are parameters of evaluate_behaviour
     assert set(rows.gate_rows()) <= set(inspect.signature(evaluate_behaviour).parameters)
     # after a round that ranked its own replies, the gate's scorer fits the other half
