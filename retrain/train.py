@@ -797,8 +797,9 @@ def _run_phases(
         )
         metrics.update(phase_metrics)
         history += phase_history
-    budget_spent = bool(metrics.get("kto/stopped_by_kl_budget"))
-    if phase_steps(len(dpo), config, config.dpo_steps) and not budget_spent:
+    if phase_steps(len(dpo), config, config.dpo_steps):
+        if probe is not None:
+            probe.restore()  # the DPO phase starts within budget, however KTO's ended
         phase_metrics, phase_history = _train_dpo(
             model, tokenizer, dpo, config, progress, generator, probe, world
         )

@@ -215,6 +215,29 @@ def test_a_rate_too_high_for_the_kl_budget_backs_off_instead_of_ending_the_round
     assert s["kto/steps"] == first and s["kl_sampled"] == 0.0  # a no-op round
 
 
+def test_the_dpo_phase_runs_after_a_kto_phase_that_spent_the_kl_budget(
+    tiny: Path, tmp_path: Path
+):
+    """A KTO phase that ends on the KL budget leaves the round's weights at its last
+    check within budget, and the DPO phase trains on from there: its pairs (in a round
+    of thumbs, the model's own replies ranked by the thumbs' scorer) are often what
+    teaches a content rule, which the thumbs' KTO phase had spent the budget without."""
+    train = kto_rows(TRAIN_TOPICS) + kto_rows(list(reversed(TRAIN_TOPICS)))
+    hot_kto = TrainConfig(refresh_pairs=False, kto_learning_rate=5e-2, learning_rate=1e-3,
+                          kto_steps=24, dpo_steps=6, min_steps=6, batch_size=4,
+                          kl_budget=0.02, kl_check_every=2, kl_patience=1, kl_backoffs=0,
+                          kl_probe_prompts=4, kl_probe_samples=2, kl_probe_tokens=12,
+                          warmup_ratio=0.0)
+    result = _round(tiny, tmp_path / "both", kto_rows=train, dpo_rows=dpo_rows(TRAIN_TOPICS),
+                    config=hot_kto)
+    m = result.metrics
+    assert m["kto/stopped_by_kl_budget"] == 1.0 and m["kto/steps"] < 24, m
+    assert m["dpo/steps"] >= 2, m  # it ran on, from the weights within budget
+    first_dpo = next(h for h in result.history if h["phase"] == "dpo")
+    assert first_dpo["step"] == 1
+    assert m["kl_sampled"] <= 0.02  # the saved adapter is within budget either way
+
+
 def _mean_chosen_logps(model: torch.nn.Module, tokenizer, rows: list[dict]) -> float:
     pairs = modeling.encode_dpo_rows(tokenizer, rows)
     batch = modeling.collate(
