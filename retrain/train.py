@@ -159,10 +159,16 @@ class TrainConfig:
       seed), ``beta`` 0.2 (+0.097 at KL 0.097), 8 replies per prompt (+0.066), and the
       best reply against each other one (291 pairs, +0.068). The KTO phases of those
       rounds hit ``kto_steps`` either way; a DPO phase costs about 30 s more.
-      Those rounds drew own-reply pairs on 200 prompts, some asked after round 1
-      (``bench_round.py`` reads the asked prompts without an event bound), so they
-      overstate a worker's round 1; through the service, the 20-epoch round-1
-      candidate of ``on_subject`` rose only +0.028 on the same 72 prompts (README).
+      Those rounds drew own-reply pairs on 200 prompts, some asked after round 1 (the
+      asked prompts were read then without the round's event bound, which they have
+      now). On the round's own rows (149 prompts, 128 pairs): +0.085 with 10 epochs,
+      +0.109 with 20; on the rows of another run's round 1, +0.075 and +0.106.
+    - The DPO phase runs after a KTO phase that ended on the KL budget (it used to be
+      skipped), from the KTO phase's last weights within budget. Through the service,
+      the round-1 candidate of ``on_subject`` had been the KTO phase alone: it ended at
+      the probe's KL 0.153 after one back-off, and rose +0.028 on the 72 held-out prompts
+      (KL 0.063 there). With the own-reply pairs' DPO phase after it, the same rows
+      rose +0.106 (KL 0.076 there; the probe read 0.058).
 
     ``processes`` above 1 trains the round data-parallel on that many processes
     (:mod:`retrain.distributed`, through ``accelerate launch``; one GPU each on CUDA).
