@@ -14,6 +14,8 @@ Figures, all greedy on the same model and prompt:
 Default model: a random-weight Llama (~30M parameters, 8 layers of width 512) with a
 tokenizer trained here on the standard library's docstrings; its end token's output row is
 zeroed so every reply runs its full length. Speed does not depend on the weights' values.
+``--layers 28 --hidden 1536 --vocab 151936`` gives one shaped like a 1.5B chat model (1.26B
+parameters, full multi-head attention) without downloading any weights.
 
     python benchmarks/bench_engine.py [--model PATH_OR_ID] [--device cpu|cuda] [--4bit]
                                       [--json FILE]
@@ -32,60 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chat_app.demo_model.tokenizer import train_chat_tokenizer  # noqa: E402
+from common import build_random_llama  # noqa: E402
+
 from chat_app.engine import BASE_VERSION, Engine, EngineConfig, SamplingParams  # noqa: E402
 from chat_app.engine.loading import load_model  # noqa: E402
-
-
-def build_random_llama(path: Path, vocab_size: int = 4096) -> Path:
-    """Write a ~30M-parameter random Llama and a locally trained chat tokenizer to ``path``."""
-    import collections
-    import email
-    import http.server
-    import json as json_module
-    import logging
-    import os
-    import pathlib
-    import re
-    import subprocess
-    import threading as threading_module
-
-    texts = []
-    for module in (
-        collections, email, http.server, json_module, logging, os, pathlib, re, subprocess,
-        threading_module, argparse, statistics, tempfile,
-    ):
-        for obj in vars(module).values():
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 40:
-                texts.append(doc)
-    tokenizer = train_chat_tokenizer(texts, vocab_size=vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # never ends early
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def make_chat(tokenizer, prompt_tokens: int, variant: int = 0) -> list[dict]:
@@ -217,6 +172,11 @@ def bench_concurrent(
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="hub id or path (default: a random ~30M Llama)")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the random Llama")
+    parser.add_argument("--hidden", type=int, default=512, help="width of the random Llama")
+    parser.add_argument("--vocab", type=int, default=4096,
+                        help="vocabulary of the random Llama (its output layer's size); "
+                        "28 x 1536 with 151936 is shaped like a 1.5B model (1.26B here)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--4bit", dest="four_bit", action="store_true", help="NF4 (CUDA only)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -229,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     most = max(args.concurrency)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(build_random_llama(Path(tmp) / "random-llama"))
+        model = args.model or str(build_random_llama(
+            Path(tmp) / "random-llama", hidden_size=args.hidden, num_layers=args.layers,
+            vocab_size=args.vocab, never_end=True))
         config = EngineConfig(
             model=model,
             device=args.device,
@@ -263,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.close()
 
     results = {
-        "model": args.model or "random-llama-8x512",
+        "model": args.model or f"random-llama-{args.layers}x{args.hidden}-v{args.vocab}",
         "parameters": parameters,
         "device": device,
         "quantized_4bit": quantized,

@@ -23,6 +23,7 @@ two settings apart on one round's rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -70,10 +71,10 @@ def train_config(items: list[str]) -> Any:
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from feedback_store.store import FeedbackStore
+    from retrain import modeling
     from retrain.budget import probe_prompts
     from retrain.rows import round_rows
     from retrain.train import train_round
@@ -85,12 +86,16 @@ def run(args: argparse.Namespace) -> dict:
     store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
     rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
     config = train_config(args.train)
+    device = modeling.resolve_device(args.device)
+    quantize = modeling.resolve_quantize(None, device)
+    config = dataclasses.replace(config, device=str(device))
     probes = probe_prompts([*rows.heldout_kto, *rows.heldout_dpo,
                             *({"prompt": p} for p in rows.asked)],
                            config.kl_probe_prompts, config.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     heldout = list(build_prompt_sets(args.heldout).heldout)
-    base = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    base = modeling.load_eval_model(args.model, adapter_path=None, device=device,
+                                    quantize_4bit=quantize)
     base_score, _, _, base_degenerate, _, base_scores = _truth(
         base, tokenizer, heldout, judge, [0.0] * len(heldout), 0.0, False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,11 +104,13 @@ def run(args: argparse.Namespace) -> dict:
                              dpo_rows=rows.dpo, out_dir=Path(tmp) / "adapter", config=config,
                              probe_messages=probes, asked_prompts=rows.train_asked)
         seconds = time.perf_counter() - t0
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.model),
-                                          str(Path(tmp) / "adapter")).eval()
+        del base
+        model = modeling.load_eval_model(args.model, adapter_path=Path(tmp) / "adapter",
+                                         device=device, quantize_4bit=quantize)
         score, rise, kl, degenerate, better, _ = _truth(
             model, tokenizer, heldout, judge, base_scores, base_degenerate, True)
     out = {"run": args.run, "version": args.version, "judge": judge.name,
+           "device": str(device), "quantized_4bit": quantize,
            "train": args.train, "heldout_prompts": len(heldout),
            "thumbs_rows": len(rows.kto), "users_pairs": len(rows.dpo),
            "base_score": base_score, "score": score, "rise": rise, "kl": kl,
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{args.run} {args.version} {' '.join(args.train) or '(defaults)'}: {judge.name} "
           f"{score:.3f} (base {base_score:.3f}, rise {rise:+.3f}) at KL {kl:.3f}, "
           f"degenerate {degenerate:.0%}, truly better: {better}; {pairs}; "
-          f"{seconds:.0f} s training")
+          f"{seconds:.0f} s training on {device}{' (4-bit NF4 base)' if quantize else ''}")
     print(machine_note())
     return out
 
@@ -129,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="cpu or cuda (default: CUDA when available); the "
+                        "round trains and is judged there, on a 4-bit NF4 base on CUDA, as "
+                        "the worker and the server load it")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.judge is None and "-" not in args.run:

@@ -33,7 +33,8 @@ def sample_replies(
     for prompt in prompts:
         text = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True,
                                              tokenize=False)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]] * n)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]] * n,
+                           device=model.device)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  do_sample=True, temperature=temperature, top_p=top_p,
@@ -55,7 +56,7 @@ def kl_from_base(model, tokenizer, prompts: Sequence[str], replies: Sequence[Seq
         for reply in group:
             r_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [
                 tokenizer.eos_token_id]
-            ids = torch.tensor([p_ids + r_ids])
+            ids = torch.tensor([p_ids + r_ids], device=model.device)
             with torch.no_grad():
                 lp = F.log_softmax(model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float(), -1)
                 with model.disable_adapter():
