@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -589,6 +590,10 @@ def test_qlora_round_on_cuda_trains_a_4bit_base(tiny: Path, tmp_path: Path):
     assert _all_finite(result)
     assert result.history[-1]["rewards/margins"] != 0.0
     assert (out / "adapter_config.json").is_file()
+    # gradients reached every layer through the 4-bit base and gradient checkpointing
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = {k for k in weights if "lora_B" in k}
+    assert lora_b and {k for k in lora_b if weights[k].abs().sum() > 0} == lora_b
 
 
 def test_down_votes_alone_beside_pairs_skip_the_kto_phase(tiny: Path, tmp_path: Path):
