@@ -42,6 +42,10 @@ from retrain.modeling import DPOExample, KTOExample
 
 START_FROM = ("parent", "base")
 _NOT_AVERAGED = frozenset({"phase", "step", "total_steps", "lr", "reward_margin"})
+# While the last KL check read at most this share of the budget (none over it in a row),
+# the next check comes after this many times kl_check_every steps.
+_FAR_SHARE = 0.5
+_FAR_SPACING = 2
 
 
 class TrainingError(RuntimeError):
@@ -442,6 +446,10 @@ class _Phase:
     costs a few steps instead of the round (without the back-off, KTO at 4e-3 overshot
     the budget by step 10 and the round ended as a no-op), and the adapter a round saves
     is always within its budget.
+
+    While the last check read no more than half the budget (and none is over it in a
+    row), the next comes after twice ``kl_check_every`` steps: a phase far inside its
+    budget spends fewer seconds sampling, and one near it is checked as often as before.
     """
 
     def __init__(
@@ -475,6 +483,7 @@ class _Phase:
         self.history: list[dict] = []
         self.probe: KLProbe | None = None
         self.probe_kl = math.nan
+        self.next_check = config.kl_check_every
         self.over_budget = 0
         self.budget_reached = False
         self.backoffs = 0
@@ -512,12 +521,11 @@ class _Phase:
             if key not in _NOT_AVERAGED and math.isfinite(value):
                 self.sums[key] = self.sums.get(key, 0.0) + value
                 self.counts[key] = self.counts.get(key, 0) + 1
-        if self.probe is not None and (
-            step % self.config.kl_check_every == 0 or step == self.total
-        ):
+        if self.probe is not None and (step >= self.next_check or step == self.total):
             self.probe_kl, over = self.probe.check(self.model)
             record["kl/sampled"] = self.probe_kl
             self.over_budget = self.over_budget + 1 if over else 0
+            self.next_check = step + self._check_interval()
             if self.over_budget >= self.config.kl_patience:
                 if self.backoffs < self.config.kl_backoffs and step < self.total:
                     self._back_off()
@@ -531,6 +539,14 @@ class _Phase:
             self.history.append(record)
             if self.progress is not None:
                 self.progress(dict(record))
+
+    def _check_interval(self) -> int:
+        """Steps to the next KL check: twice ``kl_check_every`` while the last reading
+        was far inside the budget, else ``kl_check_every``."""
+        budget = self.config.kl_budget
+        far = (budget is not None and self.over_budget == 0
+               and math.isfinite(self.probe_kl) and self.probe_kl <= _FAR_SHARE * budget)
+        return self.config.kl_check_every * (_FAR_SPACING if far else 1)
 
     def _back_off(self) -> None:
         """Weights of the last check within budget, half the learning rate, fresh

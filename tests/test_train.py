@@ -239,6 +239,36 @@ def test_the_dpo_phase_runs_after_a_kto_phase_that_spent_the_kl_budget(
     assert m["kl_sampled"] <= 0.02  # the saved adapter is within budget either way
 
 
+def _checked_steps(result: RoundResult) -> list[int]:
+    return [h["step"] for h in result.history if "kl/sampled" in h]
+
+
+def test_kl_checks_space_out_while_far_inside_the_budget_and_leave_training_as_it_was(
+    tiny: Path, tmp_path: Path
+):
+    """A phase whose KL checks read at most half the budget is checked every second
+    interval; the checks do not change what it trains; a phase over its budget is
+    checked at every interval."""
+    train = kto_rows(TRAIN_TOPICS)
+    config = TrainConfig(refresh_pairs=False, kto_steps=12, min_steps=12, batch_size=4,
+                         kl_budget=1e6, kl_check_every=2, kl_probe_prompts=4,
+                         kl_probe_samples=2, kl_probe_tokens=12, log_every=1)
+    far = _round(tiny, tmp_path / "far", kto_rows=train, config=config)
+    assert _checked_steps(far) == [2, 6, 10, 12]
+    assert far.metrics["kl_checks"] == 4
+    unchecked = _round(tiny, tmp_path / "unchecked", kto_rows=train,
+                       config=replace(config, kl_budget=None))
+    assert _checked_steps(unchecked) == []
+    trained = load_file(tmp_path / "far" / "adapter_model.safetensors")
+    plain = load_file(tmp_path / "unchecked" / "adapter_model.safetensors")
+    assert trained.keys() == plain.keys()
+    assert all(torch.equal(trained[k], plain[k]) for k in trained)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    over = _round(tiny, tmp_path / "over", kto_rows=train,
+                  config=replace(config, kl_budget=1e-9, kl_patience=100, kl_backoffs=0))
+    assert _checked_steps(over) == [2, 4, 6, 8, 10, 12]
+
+
 def _mean_chosen_logps(model: torch.nn.Module, tokenizer, rows: list[dict]) -> float:
     pairs = modeling.encode_dpo_rows(tokenizer, rows)
     batch = modeling.collate(
