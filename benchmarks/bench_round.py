@@ -39,7 +39,7 @@ from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_gate import _truth  # noqa: E402
 from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
 
-_SHOWN = ("steps", "kl_sampled", "kl_backoffs", "stopped_by_kl_budget")
+_SHOWN = ("steps", "kl_sampled", "kl_backoffs", "stopped_by_kl_budget", "kl_checks")
 
 
 def train_config(items: list[str]) -> Any:
