@@ -124,8 +124,8 @@ class TrainConfig:
       :class:`_Phase`) and then stops; the adapter saved is the one of the last check
       within budget. The gate's own limit is 0.3. While the last check read at most
       half the budget, the next comes after twice ``kl_check_every`` steps: on the
-      rows of round 1 of a ``kto``/``calm`` benchmark run the round trained the same
-      adapter (+0.177 on 72 held-out prompts, KL 0.157) in 94 s instead of 103 s
+      rows of round 1 of a ``kto``/``calm`` benchmark run the round gave the same
+      result (+0.177 on 72 held-out prompts, KL 0.157) in 94 s instead of 103 s
       (``benchmarks/bench_round.py``); its KTO phase ended at 0.036, its DPO phase
       ran into the budget and was checked as before. A check (64 replies sampled and
       scored) cost about 3 s on 2 CPU cores, as much as 6-7 training steps: checking
