@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
     config = train_config(args.train)
     device = modeling.resolve_device(args.device)
-    quantize = modeling.resolve_quantize(None, device)
+    quantize = modeling.resolve_quantize(config.quantize_4bit, device)
     config = dataclasses.replace(config, device=str(device))
     probes = probe_prompts([*rows.heldout_kto, *rows.heldout_dpo,
                             *({"prompt": p} for p in rows.asked)],
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", help="cpu or cuda (default: CUDA when available); the "
                         "round trains and is judged there, on a 4-bit NF4 base on CUDA, as "
-                        "the worker and the server load it")
+                        "the worker and the server load it (--train quantize_4bit=false: unquantised)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.judge is None and "-" not in args.run:
