@@ -93,13 +93,16 @@ class Load:
                         "max_tokens": 8, "stream": True}) as r:
                         rec["status"] = r.status_code
                         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+                    rec["last"] = lines[-1][:300] if lines else None
                     first = json.loads(lines[0][6:])
                     rec.update(ok=r.status_code == 200 and lines[-1] == "data: [DONE]",
                                id=int(first["id"]), version=first["adapter_version"])
                     if n % 2:
                         rated = client.post(url + "/v1/feedback", json={
                             "reply_id": rec["id"], "rating": "up" if n % 4 == 1 else "down"})
-                        rec["ok"] = rec["ok"] and rated.status_code == 200
+                        rec["rated"] = rated.status_code
+                        if rated.status_code != 200:
+                            rec["ok"], rec["rated_body"] = False, rated.text[:300]
                 except Exception as exc:  # a failed request is what this test counts
                     rec["error"] = repr(exc)
                 rec["ended"] = time.time()
@@ -117,6 +120,13 @@ class Load:
             t.join(timeout=120)
 
 
+
+
+def log_tails(procs: list[Proc], engine: EngineProcess) -> str:
+    """What the parts wrote last, for a failure's message."""
+    logs = [(p.log.name, p.log) for p in procs] + [("engine", engine.log)]
+    return "\n".join(f"--- {name}:\n{path.read_text(errors='replace')[-2500:]}"
+                     for name, path in logs if path.exists())
 
 
 def health(url: str) -> dict:
@@ -170,7 +180,7 @@ def test_a_loopback_cluster_trains_swaps_everywhere_and_survives_its_parts_dying
             time.sleep(2.0)  # the load goes on, on the new version
         results = load.results
         failures = [r for r in results if not r["ok"]]
-        assert not failures, failures[:3]
+        assert not failures, (failures[:3], log_tails([*fronts, trainer], engine))
         assert {r["url"] for r in results} == {f.url for f in fronts}
         assert {r["version"] for r in results} == {"base", new}
         assert all(r["version"] == new for r in results if r["started"] > swapped)
