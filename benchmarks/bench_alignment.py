@@ -45,7 +45,10 @@ its figures are that version's (not re-sampled).
 FEEDBACK_CHAT_GATE_<NAME> for the service and its rounds (those already in the environment
 pass through too). Cost: the rounds dominate (each trains, then the gate samples the
 candidate and the active version); the full run is 10 runs x ``--rounds`` rounds (the
-control is shared by the judges), the quick one 2 x 3. The progress lines on stderr give
+control is shared by the judges), the quick one 2 x 3. ``--jobs`` runs go at once (2 by
+default), each service and its rounds on cores / jobs torch threads: small models use a
+second core poorly (a LoRA step of the demo model: 156 ms on 2 threads, 272 ms on 1),
+so two runs side by side finish sooner than one after the other. The progress lines on stderr give
 the time spent and an estimate of what is left. The plot (matplotlib, two panels per judge) goes to ``--plot``, by
 default next to ``--json`` or to ``benchmarks/results/alignment.png``.
 """
@@ -59,7 +62,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help="a gate setting (FEEDBACK_CHAT_GATE_NAME), repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the KL pass")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at once, each service and its rounds on CPU cores / jobs torch "
+                        "threads (2; 1 runs them one after another with every core each)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--plot", type=Path, help="the PNG (default: next to --json, or "
                                              "benchmarks/results/alignment.png)")
@@ -138,7 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     problems += [f"unknown condition {c!r}" for c in args.conditions if c not in CONDITIONS]
     if not args.judges or not args.conditions:
         problems.append("name at least one judge and one condition")
-    for name in ("rounds", "ratings", "heldout", "samples", "base_samples", "users", "threads"):
+    for name in ("rounds", "ratings", "heldout", "samples", "base_samples", "users", "threads",
+                 "jobs"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("flip", "edit_share", "regen_share"):
@@ -207,16 +216,23 @@ def measure(service: Service, prompts: tuple[str, ...], k: int, judges: list[str
 
 def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.Namespace,
                    model: str, work: Path, prompts: Any, kl_meter: KLMeter,
-                   base: dict[str, Any] | None, times: dict[str, float]) -> tuple[dict, dict]:
+                   base_future: Future, measures_base: bool, times: dict[str, float],
+                   live: set[Service]) -> dict:
     """One condition (and judge) from a fresh data folder: the base measured first when
-    ``base`` is None, then ``args.rounds`` rounds."""
-    service = Service((work / name).resolve(), model, args.env, max_concurrent=args.users,
-                      device=args.device)
+    ``measures_base`` (its figures set on ``base_future``, which the other runs wait
+    for), then ``args.rounds`` rounds."""
+    service = Service((work / name).resolve(), model, {**thread_env(args.jobs), **args.env},
+                      max_concurrent=args.users, device=args.device)
+    live.add(service)
     print(f"[{name}] starting the service ...", file=sys.stderr, flush=True)
-    times["server_start_s"] += service.start()
+    started = service.start()
+    with _LOCK:
+        times["server_start_s"] += started
     rounds: list[dict[str, Any]] = []
     try:
-        if base is None:
+        if not measures_base:
+            base = base_future.result()
+        else:
             t0 = time.perf_counter()
             print(f"[{name}] measuring the base ({args.base_samples} samples x "
                   f"{len(prompts.heldout)} prompts) ...", file=sys.stderr, flush=True)
@@ -228,6 +244,7 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
                     "mean_words": m["mean_words"],
                     "examples": [[p, g[0]] for p, g in zip(prompts.heldout, m["samples"], strict=True)][:8]}
             times["base_s"] = time.perf_counter() - t0
+            base_future.set_result(base)
         last = {"scores": base["scores"], "kl": 0.0, "degenerate_share": base["degenerate_share"],
                 "mean_words": base["mean_words"], "version": service.served_version()}
         base_label = last["version"]  # what /healthz calls the bare base
@@ -280,9 +297,26 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
                 "train_metrics": {k: v for k, v in result.metrics.items()
                                   if k.startswith("train")},
             })
+    except BaseException as exc:
+        if not base_future.done():  # the runs waiting for the base must not wait forever
+            base_future.set_exception(RuntimeError(f"[{name}] could not measure the base: "
+                                                   f"{exc!r}"))
+        raise
     finally:
         service.stop()
-    return {"name": name, "condition": condition, "judge": judge, "rounds": rounds}, base
+        live.discard(service)
+    return {"name": name, "condition": condition, "judge": judge, "rounds": rounds}
+
+
+_LOCK = threading.Lock()
+
+
+def thread_env(jobs: int) -> dict[str, str]:
+    """Torch threads for each of ``jobs`` services at once (their rounds inherit them);
+    nothing with one job, or where OMP_NUM_THREADS is set already."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
 
 
 def table_rows(trajectories: list[dict], base: dict, judges: list[str]) -> list[dict]:
@@ -325,22 +359,38 @@ def main(argv: list[str] | None = None) -> int:
     kl_meter = KLMeter(model, threads=args.threads)
     times = {"server_start_s": 0.0, "base_s": 0.0}
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-alignment-"))
-    trajectories: list[dict] = []
-    base = None
+    base_future: Future = Future()
+    live: set[Service] = set()
+    finished = [0]
+
+    def one(k: int, condition: str, judge: str | None) -> dict:
+        name = f"{condition}-{judge}" if judge else condition
+        traj = run_trajectory(name, condition, judge, args, model, work, prompts, kl_meter,
+                              base_future, k == 0, times, live)
+        with _LOCK:
+            finished[0] += 1
+            done = finished[0] / len(plan)
+        spent = time.perf_counter() - t_start
+        print(f"[{name}] done; {spent / 60:.1f} min so far, about "
+              f"{spent * (1 - done) / done / 60:.1f} min to go", file=sys.stderr, flush=True)
+        return traj
+
     try:
-        for condition, judge in plan:
-            name = f"{condition}-{judge}" if judge else condition
-            traj, base = run_trajectory(name, condition, judge, args, model, work, prompts,
-                                        kl_meter, base, times)
-            trajectories.append(traj)
-            done = len(trajectories) / len(plan)
-            spent = time.perf_counter() - t_start
-            print(f"[{name}] done; {spent / 60:.1f} min so far, about "
-                  f"{spent * (1 - done) / done / 60:.1f} min to go", file=sys.stderr, flush=True)
+        # the runs go in the plan's order, ``--jobs`` at a time; the first measures the base
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(one, k, c, j) for k, (c, j) in enumerate(plan)]
+            try:
+                trajectories = [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                for service in list(live):  # Ctrl-C or a failed run: stop every server
+                    service.stop()
+                raise
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    assert base is not None
+    base = base_future.result()
     times["total_s"] = time.perf_counter() - t_start
     report = {
         "benchmark": "bench_alignment",
@@ -350,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                   "edit_share": args.edit_share, "regen_share": args.regen_share,
                   "heldout_prompts": len(prompts.heldout), "train_prompts": prompts.train_count,
                   "samples_per_prompt": args.samples, "base_samples_per_prompt": args.base_samples,
-                  "seed": args.seed, "settings_env": args.env,
+                  "seed": args.seed, "settings_env": args.env, "jobs": args.jobs,
+                  "threads_per_job": thread_env(args.jobs).get("OMP_NUM_THREADS"),
                   "passed_through_env": sorted(k for k in os.environ
                                                if k.startswith(("FEEDBACK_CHAT_TRAIN_",
                                                                 "FEEDBACK_CHAT_GATE_")))},

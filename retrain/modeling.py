@@ -153,8 +153,11 @@ def load_trainable_model(
     base = load_base_model(base_model, device=device, quantize_4bit=quantize_4bit)
     base.config.use_cache = False
     if quantize_4bit:
+        # non-reentrant checkpointing, as below: the reentrant kind needs inputs that
+        # require grad and warns when torch's default is left implicit
         base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=gradient_checkpointing
+            base, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -90,9 +90,14 @@ class KLMeter:
         self.model_path = model
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self._load = lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        self._lock = threading.Lock()  # runs at once take turns (one tokenizer, few cores)
 
     def kl(self, adapter: Path, prompts: Sequence[str], samples: Samples) -> float:
         """Mean per-token KL(base + ``adapter`` || base) over the replies' tokens."""
+        with self._lock:
+            return self._kl(adapter, prompts, samples)
+
+    def _kl(self, adapter: Path, prompts: Sequence[str], samples: Samples) -> float:
         import torch
         import torch.nn.functional as F
         from peft import PeftModel
