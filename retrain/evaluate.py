@@ -93,7 +93,7 @@ class GateConfig:
     candidate is a near no-op: the few replies that did change can make a paired
     comparison look significant while users would hardly see a difference); and the
     candidate's mean score above the active's with the lower confidence bound ``mean
-    difference - confidence_z * stderr > 0`` (paired by prompt).
+    difference - improvement_z * stderr > 0`` (paired by prompt; one-sided 95% at 1.645).
 
     Safety (a failure rejects): mean per-token ``KL(candidate || base)`` on its sampled
     replies at most ``max_kl`` nats/token; the share of degenerate sampled replies at
@@ -113,6 +113,11 @@ class GateConfig:
     min_scorer_accuracy: float = 0.6
     min_changed_share: float = 0.1
     confidence_z: float = 1.96
+    # 1.645, a one-sided 95% bound (it was 1.96, one-sided 97.5%): promotion asks a
+    # one-sided question. The 30 candidates of a full alignment benchmark judged again:
+    # 7 of the 8 truly better promoted instead of 6, no other one more (README, "Does
+    # the loop make the model better?"); the scorer's accuracy keeps ``confidence_z``
+    improvement_z: float = 1.645
     max_kl: float = 0.3
     max_degenerate_share: float = 0.2
     max_degenerate_increase: float = 0.05
@@ -165,7 +170,7 @@ class BehaviourReport:
     accuracy. Scores are the mean log-odds of a thumbs-up by that scorer
     (:meth:`retrain.reward_model.RewardModel.log_odds`); ``score_diff`` the mean
     over prompts of (candidate - active), ``score_lower_bound`` that minus
-    ``confidence_z`` standard errors (None under two prompts). ``kl`` / ``active_kl``
+    ``improvement_z`` standard errors (None under two prompts). ``kl`` / ``active_kl``
     nats per token from the base. ``implicit`` holds the implicit-reward metrics of
     :func:`retrain.implicit.implicit_metrics` on the held-out rows (``active/`` keys for the active version),
     for information only. ``samples`` maps prompt text to one candidate and one active
@@ -197,6 +202,7 @@ class BehaviourReport:
     samples: tuple[tuple[str, str, str], ...] = ()
     changed_share: float | None = None
     scorer_half: bool = False
+    improvement_z: float = 1.645
 
     @property
     def n_heldout_rows(self) -> int:
@@ -368,7 +374,7 @@ def evaluate_behaviour(
     lower = None
     if len(diffs) >= 2 and diff is not None:
         sd = math.sqrt(sum((d - diff) ** 2 for d in diffs) / (len(diffs) - 1))
-        lower = diff - config.confidence_z * sd / math.sqrt(len(diffs))
+        lower = diff - config.improvement_z * sd / math.sqrt(len(diffs))
 
     def share(replies: list[str]) -> float:
         return sum(is_degenerate(r) for r in replies) / len(replies) if replies else 0.0
@@ -389,6 +395,7 @@ def evaluate_behaviour(
         score_diff=diff,
         score_lower_bound=lower,
         confidence_z=config.confidence_z,
+        improvement_z=config.improvement_z,
         kl=kl["cand"][0] / kl["cand"][1] if kl["cand"][1] else 0.0,
         active_kl=kl["act"][0] / kl["act"][1] if kl["act"][1] else 0.0,
         degenerate_share=share(texts["cand"]),
@@ -406,6 +413,12 @@ def _fmt(value: float | None) -> str:
 def _level(z: float) -> str:
     """The two-sided confidence level of ``z`` standard errors, e.g. '95%' for 1.96."""
     return f"{math.erf(z / math.sqrt(2)):.0%}"
+
+
+def _one_sided(z: float) -> str:
+    """The one-sided level of a lower bound ``z`` standard errors down, e.g. 'one-sided
+    95%' for 1.645."""
+    return f"one-sided {(1 + math.erf(z / math.sqrt(2))) / 2:.1%}".replace(".0%", "%")
 
 
 def gate_decision(
@@ -476,7 +489,7 @@ def gate_decision(
             f"hold: near no-op: only {r.changed_share:.0%} of the candidate's replies on "
             f"{samples} differ from {active}'s drawn with the same seed; at least "
             f"{config.min_changed_share:.0%} must change for users to see a difference")
-    level = _level(r.confidence_z)
+    level = _one_sided(r.improvement_z)
     scorer_note = (f" fitted to the {r.n_train_rows} training rows of the prompts that did "
                    f"not rank the round's own-reply pairs" if r.scorer_half else "")
     if r.score_diff is None or r.score_lower_bound is None:

@@ -429,9 +429,19 @@ def test_gate_promotes_on_evidence_of_improvement_and_says_what_it_saw():
     assert decision == "promote"
     assert reasons == [
         "promote: candidate replies scored 0.610 vs v0002 0.520 in log-odds by the feedback-trained scorer "
-        "(difference +0.090, 95% lower bound +0.040 > 0) on 20 held-out prompts × 4 samples; "
+        "(difference +0.090, one-sided 95% lower bound +0.040 > 0) on 20 held-out prompts × 4 samples; "
         "KL 0.120 ≤ 0.30 nats/token; degenerate 0% (v0002 0%); scorer accuracy 80% on 42 "
         "held-out rows"]
+
+
+def test_the_improvement_bound_is_one_sided_and_says_its_level():
+    """Promotion asks a one-sided question (better or not), so its bound is one-sided:
+    1.645 standard errors is 95%; the 1.96 it had is 97.5%, which the reasons say."""
+    assert GateConfig().improvement_z == 1.645 and GateConfig().confidence_z == 1.96
+    _, reasons = gate_decision(_report(improvement_z=1.96))
+    assert "(difference +0.090, one-sided 97.5% lower bound +0.040 > 0)" in reasons[0]
+    with pytest.raises(ValueError, match="improvement_z"):
+        GateConfig(improvement_z=-1.0).validate()
 
 
 def test_gate_holds_when_the_lower_bound_is_not_above_zero():
@@ -440,7 +450,7 @@ def test_gate_holds_when_the_lower_bound_is_not_above_zero():
     assert decision == "hold"
     assert reasons == [
         "hold: candidate replies scored 0.512 vs v0002 0.508 in log-odds by the feedback-trained scorer "
-        "(difference +0.004, 95% lower bound -0.030 ≤ 0) on 20 held-out prompts × 4 samples: "
+        "(difference +0.004, one-sided 95% lower bound -0.030 ≤ 0) on 20 held-out prompts × 4 samples: "
         "no evidence of improvement",
         "hold: within the safety limits: KL 0.120 ≤ 0.30 nats/token from the base; "
         "degenerate 0% (v0002 0%)"]
