@@ -154,6 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not 0 <= getattr(args, name) <= 1:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1]")
     args.env, env_problems = setting_env(args.train, args.gate)
+    args.threads_env = thread_env(args.jobs)
     problems += env_problems
     if problems:
         p.error("; ".join(problems))
@@ -221,7 +222,7 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
     """One condition (and judge) from a fresh data folder: the base measured first when
     ``measures_base`` (its figures set on ``base_future``, which the other runs wait
     for), then ``args.rounds`` rounds."""
-    service = Service((work / name).resolve(), model, {**thread_env(args.jobs), **args.env},
+    service = Service((work / name).resolve(), model, {**args.threads_env, **args.env},
                       max_concurrent=args.users, device=args.device)
     live.add(service)
     print(f"[{name}] starting the service ...", file=sys.stderr, flush=True)
@@ -366,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     live: set[Service] = set()
     finished = [0]
 
-    def one(k: int, condition: str, judge: str | None) -> dict:
+    def one(condition: str, judge: str | None, measures_base: bool) -> dict:
         name = f"{condition}-{judge}" if judge else condition
         traj = run_trajectory(name, condition, judge, args, model, work, prompts, kl_meter,
-                              base_future, k == 0, times, live)
+                              base_future, measures_base, times, live)
         with _LOCK:
             finished[0] += 1
             done = finished[0] / len(plan)
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         # alone at the end; the first to start measures the base; reported in plan order
         order = sorted(range(len(plan)), key=lambda k: RUN_COST[plan[k][0]], reverse=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            started = {k: pool.submit(one, n, *plan[k]) for n, k in enumerate(order)}
+            started = {k: pool.submit(one, *plan[k], k == order[0]) for k in order}
             futures = [started[k] for k in range(len(plan))]
             try:
                 trajectories = [f.result() for f in futures]
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                   "heldout_prompts": len(prompts.heldout), "train_prompts": prompts.train_count,
                   "samples_per_prompt": args.samples, "base_samples_per_prompt": args.base_samples,
                   "seed": args.seed, "settings_env": args.env, "jobs": args.jobs,
-                  "threads_per_job": thread_env(args.jobs).get("OMP_NUM_THREADS"),
+                  "threads_per_job": args.threads_env.get("OMP_NUM_THREADS"),
                   "passed_through_env": sorted(k for k in os.environ
                                                if k.startswith(("FEEDBACK_CHAT_TRAIN_",
                                                                 "FEEDBACK_CHAT_GATE_")))},
