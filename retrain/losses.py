@@ -338,5 +338,10 @@ def per_token_nll(logps: Tensor, labels: Tensor, *, ignore_index: int = -100) ->
     ``rpo_alpha``): DPO and KTO alone can lower the likelihood of the preferred reply
     too, moving mass to text neither reply contains ("likelihood displacement"); the
     NLL term keeps the preferred replies likely."""
-    counts = completion_token_counts(labels, ignore_index=ignore_index).clamp(min=1)
-    return -logps / counts.to(logps.dtype)
+    return nll_per_token(logps, completion_token_counts(labels, ignore_index=ignore_index))
+
+
+def nll_per_token(logps: Tensor, counts: Tensor) -> Tensor:
+    """:func:`per_token_nll` from the scored token counts (at least 1 each) instead of the
+    labels."""
+    return -logps / counts.clamp(min=1).to(logps.dtype)

@@ -215,8 +215,11 @@ def kl_to_base(
 ) -> tuple[float, int]:
     """``(sum of per-token KL(model || base), number of tokens)`` over the reply tokens
     of ``turns`` (``(prompt_ids, reply_ids)`` pairs, ``max_rows`` per forward pass);
-    ``model`` is a PEFT model whose active adapter is the one measured."""
-    turns = [(list(p), list(r)) for p, r in turns if r]
+    ``model`` is a PEFT model whose active adapter is the one measured. The turns go
+    through the model shortest first, so each pass pads its rows to a similar length
+    (replies sampled from one model vary from a few tokens to hundreds)."""
+    turns = sorted(((list(p), list(r)) for p, r in turns if r),
+                   key=lambda turn: len(turn[0]) + len(turn[1]))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for lo in range(0, len(turns), max(1, max_rows)):

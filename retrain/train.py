@@ -28,15 +28,14 @@ from tqdm.auto import tqdm
 
 from retrain import modeling
 from retrain.budget import KLProbe, probe_prompts
+from retrain.grouping import grouped_logps
 from retrain.losses import (
     DPO_LOSS_TYPES,
     balanced_kto_weights,
-    completion_token_counts,
     dpo_loss,
     kto_loss,
     mismatched_indices,
-    per_token_nll,
-    sequence_logps,
+    nll_per_token,
 )
 from retrain.modeling import DPOExample, KTOExample
 
@@ -403,8 +402,12 @@ def _scalar(value: torch.Tensor | float) -> float:
     return float(value)
 
 
-def _logps(model: torch.nn.Module, batch: modeling.Batch) -> torch.Tensor:
-    return sequence_logps(modeling.forward_logits(model, batch), batch.labels)
+def _logps(model: torch.nn.Module, collate: Callable[..., Any],
+           turns: list[tuple[tuple[int, ...], tuple[int, ...]]]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logps, scored token counts)`` of ``turns``, through the model in groups of
+    similar length (:func:`retrain.grouping.grouped_logps`)."""
+    return grouped_logps(model, collate, turns, max_length=collate.keywords["max_length"])
 
 
 def _collater(tokenizer: Any, config: TrainConfig, device: Any) -> Callable[..., Any]:
@@ -431,7 +434,7 @@ class _ReferenceCache:
                    if key not in self.values}
         if missing:
             with modeling.reference_mode(self.model):
-                values = _logps(self.model, self.collate(list(missing.values())))
+                values, _ = _logps(self.model, self.collate, list(missing.values()))
             self.values.update(zip(missing, values, strict=True))
         return torch.stack([self.values[key] for key in keys])
 
@@ -625,17 +628,15 @@ def _train_kto(
             continue
         batch = [whole[i] for i in mine]
         turns = [(e.turn.prompt_ids, e.turn.completion_ids) for e in batch]
-        matched = collate(turns)
-        kl_pairs = collate(
-            [(whole[i].turn.prompt_ids, whole[mismatched[i]].turn.completion_ids) for i in mine]
-        )
+        kl_pairs = [(whole[i].turn.prompt_ids, whole[mismatched[i]].turn.completion_ids)
+                    for i in mine]
         desirable = torch.tensor([e.desirable for e in batch], dtype=torch.bool, device=device)
-        policy = _logps(model, matched)
+        policy, counts = _logps(model, collate, turns)
         ref = reference.logps([rows[i] for i in mine], turns)
         with torch.no_grad():
-            policy_kl = _logps(model, kl_pairs)
+            policy_kl, _ = _logps(model, collate, kl_pairs)
             with modeling.reference_mode(model):
-                ref_kl = _logps(model, kl_pairs)
+                ref_kl, _ = _logps(model, collate, kl_pairs)
             # z0 = the mean over the whole batch, whichever process scored which pair
             z0 = world.sum_((policy_kl - ref_kl).sum().reshape(1)) / len(whole)
         loss, metrics = kto_loss(
@@ -650,7 +651,7 @@ def _train_kto(
             reference_point=z0,
         )
         loss = loss * (len(batch) / len(whole))  # this share of the whole batch's mean
-        nll = per_token_nll(policy, matched.labels)
+        nll = nll_per_token(policy, counts)
         whole_desirable = sum(e.desirable for e in whole)
         if config.sft_weight and bool(desirable.any()):
             loss = loss + config.sft_weight * nll[desirable].sum() / whole_desirable
@@ -699,14 +700,12 @@ def _train_dpo(
             continue
         pairs = [(e.chosen.prompt_ids, e.chosen.completion_ids) for e in batch]
         pairs += [(e.rejected.prompt_ids, e.rejected.completion_ids) for e in batch]
-        both = collate(pairs)
-        policy = _logps(model, both)
+        policy, counts = _logps(model, collate, pairs)
         keys = [(rows[i], "chosen") for i in mine] + [(rows[i], "rejected") for i in mine]
         ref = reference.logps(keys, pairs)
         n = len(batch)
         lengths = {}
         if config.dpo_loss_type == "ipo":  # IPO compares per-token log-ratios, as TRL does
-            counts = completion_token_counts(both.labels)
             lengths = {"chosen_lengths": counts[:n], "rejected_lengths": counts[n:]}
         loss, metrics = dpo_loss(
             policy[:n],
@@ -718,7 +717,7 @@ def _train_dpo(
             **lengths,
         )
         loss = loss * (n / len(whole))  # this share of the whole batch's mean
-        nll = per_token_nll(policy[:n], both.labels[:n])
+        nll = nll_per_token(policy[:n], counts[:n])
         if config.sft_weight:
             loss = loss + config.sft_weight * nll.sum() / len(whole)
         phase.step(
