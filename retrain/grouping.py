@@ -1,16 +1,16 @@
 """Forward passes over rows of mixed lengths, in groups of similar length.
 
 A batch padded to its longest row spends work on padding. Sampled replies vary a lot in
-length (the demo model's run from 4 to 67 tokens in one probe), so a batch of 16 rows
-can be half padding. The log-probability of a row does not depend on the other rows of
+length (64 replies of the demo model to 16 probe questions ran from 4 to 67 tokens),
+so a batch of 16 rows can be half padding. The log-probability of a row does not depend on the other rows of
 its batch (right padding, attention masked per row), so the rows can go through the
 model in groups of similar length and be put back in their order: the same values and
 gradients (up to float rounding), for fewer padded tokens.
 
 The grouping minimises ``sum over groups (rows x longest row) + groups x cost``, where
-``cost`` is a forward pass's fixed cost counted in tokens of work; on CUDA one pass is
-kept (a GPU pass costs little more for padding at these sizes, and the split was only
-measured on CPUs).
+``cost`` is a forward pass's fixed cost counted in tokens of work. On CUDA each batch
+stays one pass: the split was measured on CPUs only, and a GPU pass's fixed cost (kernel
+launches) is a larger share of its time.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Each phase is a stream of shuffled epochs cut into batches of ``min(batch_size,
 rows)``; it runs ``min(max_steps, max(min_steps, ceil(epochs * ceil(rows /
 batch_size))))`` optimiser
 steps (AdamW, linear warm-up then a cosine decay to a tenth, gradient-norm clipping). Log
-probabilities are sums over completion tokens (``losses.sequence_logps``).
+probabilities are sums over completion tokens (``losses.sequence_logps``); a batch's rows
+go through the model in groups of similar length (:mod:`retrain.grouping`), which
+changes the values only by float rounding.
 """
 
 from __future__ import annotations
