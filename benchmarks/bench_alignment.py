@@ -170,7 +170,7 @@ def setting_env(train: list[str], gate: list[str]) -> tuple[dict[str, str], list
     try:
         from dataclasses import fields
 
-        from retrain.evaluate import GateConfig
+        from retrain.gate import GateConfig
         from retrain.train import TrainConfig
 
         known = {"TRAIN": {f.name for f in fields(TrainConfig)},

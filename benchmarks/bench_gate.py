@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from retrain.budget import probe_prompts
-    from retrain.evaluate import evaluate_behaviour, gate_decision
+    from retrain.evaluate import evaluate_behaviour
+    from retrain.gate import gate_decision
     from retrain.train import TrainConfig, train_round
 
     torch.set_num_threads(args.threads)

@@ -44,7 +44,7 @@ from common import machine_note, model_or_demo, print_table, write_json  # noqa:
 def _gate_config(items: list[str]) -> Any:
     from dataclasses import fields
 
-    from retrain.evaluate import GateConfig
+    from retrain.gate import GateConfig
 
     types = {f.name: f.type for f in fields(GateConfig)}
     values: dict[str, Any] = {}
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from feedback_store.store import FeedbackStore
-    from retrain.evaluate import evaluate_behaviour, gate_decision
+    from retrain.evaluate import evaluate_behaviour
+    from retrain.gate import gate_decision
     from retrain.rows import round_rows
 
     torch.set_num_threads(args.threads)

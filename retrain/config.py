@@ -47,7 +47,7 @@ class RetrainSettings:
         return cfg
 
     def gate_config(self):  # type: ignore[no-untyped-def]
-        from .evaluate import GateConfig
+        from .gate import GateConfig
 
         cfg = GateConfig(**{**_env_overrides("FEEDBACK_CHAT_GATE_", GateConfig), **self.gate})
         cfg.validate()

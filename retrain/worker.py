@@ -5,7 +5,7 @@ rows (training split; the held-out split, by prompt, is kept for the gate), trai
 from the active adapter, publish the candidate folder atomically, register it,
 compare the candidate's sampled replies with the active version's on held-out
 prompts (:func:`retrain.evaluate.evaluate_behaviour`, the model loaded as served), and
-promote, hold or reject with reasons (:func:`retrain.evaluate.gate_decision`). A
+promote, hold or reject with reasons (:func:`retrain.gate.gate_decision`). A
 candidate the gate promotes becomes the canary (decision "canary": it serves a share of
 new conversations until live ratings decide, :mod:`feedback_store.canary`; a canary
 still running is stopped in its favour), or, with the canary off (share 0), active at
@@ -98,7 +98,8 @@ def _inject_fault() -> None:
 def run_round(run_id: int, settings: RetrainSettings) -> str:
     """Execute run ``run_id``; returns its final status."""
     from .budget import probe_prompts
-    from .evaluate import evaluate_behaviour, gate_decision
+    from .evaluate import evaluate_behaviour
+    from .gate import gate_decision
     from .train import train_round
 
     store = FeedbackStore.open(settings.database_url)

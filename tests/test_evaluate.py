@@ -18,12 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from retrain.evaluate import (
     FIXED_PROMPTS,
     BehaviourReport,
-    GateConfig,
     evaluate_behaviour,
-    gate_decision,
     is_degenerate,
     repeated_ngram_fraction,
 )
+from retrain.gate import GateConfig, gate_decision
 from retrain.implicit import implicit_report
 from retrain.modeling import InvalidRowError
 from retrain.reward_model import (

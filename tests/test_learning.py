@@ -18,7 +18,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from retrain.evaluate import GateConfig, evaluate_behaviour, gate_decision, is_degenerate
+from retrain.evaluate import evaluate_behaviour, is_degenerate
+from retrain.gate import GateConfig, gate_decision
 from retrain.train import TrainConfig, train_round
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
