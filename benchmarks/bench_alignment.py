@@ -25,7 +25,8 @@ when it was promoted. Measured after each round on the SERVED model, on held-out
 
 * score: the judge's mean score; ceiling: the base's best-of-``--base-samples`` (per prompt
   the judge's favourite of the base's samples, averaged), measured in the same run; share
-  of way: (score - base) / (ceiling - base);
+  of way: (score - base) / (ceiling - base), and beside it its standard error (the rise's
+  over the base paired by held-out prompt, over the same gap): the noise of 24 prompts;
 * KL: mean per-token KL(policy || base) over the sampled replies' tokens, teacher-forced in
   this process through the base + served adapter and the base with the adapter disabled;
 * degenerate: share of replies ``retrain.evaluate.is_degenerate`` flags; words: mean length;
@@ -77,6 +78,8 @@ from alignment.measure import (  # noqa: E402
     degenerate_share,
     mean_score,
     mean_words,
+    paired_se,
+    prompt_means,
     sample_heldout,
     spread,
 )
@@ -211,6 +214,7 @@ def measure(service: Service, prompts: tuple[str, ...], k: int, judges: list[str
           if kl_meter is not None and version else 0.0)
     return {"samples": samples, "scores": {j: mean_score(JUDGES[j], prompts, samples)
                                            for j in judges},
+            "prompt_scores": {j: prompt_means(JUDGES[j], prompts, samples) for j in judges},
             "degenerate_share": degenerate_share(samples), "mean_words": mean_words(samples),
             "kl": kl, "eval_s": sample_s + time.perf_counter() - t0}
 
@@ -238,7 +242,7 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
             print(f"[{name}] measuring the base ({args.base_samples} samples x "
                   f"{len(prompts.heldout)} prompts) ...", file=sys.stderr, flush=True)
             m = measure(service, prompts.heldout, args.base_samples, args.judges, None, None)
-            base = {"scores": m["scores"],
+            base = {"scores": m["scores"], "prompt_scores": m["prompt_scores"],
                     "ceiling": {j: best_of(JUDGES[j], prompts.heldout, m["samples"])
                                 for j in args.judges},
                     "spread": spread(m["samples"]), "degenerate_share": m["degenerate_share"],
@@ -246,7 +250,7 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
                     "examples": [[p, g[0]] for p, g in zip(prompts.heldout, m["samples"], strict=True)][:8]}
             times["base_s"] = time.perf_counter() - t0
             base_future.set_result(base)
-        last = {"scores": base["scores"], "kl": 0.0, "degenerate_share": base["degenerate_share"],
+        last = {"scores": base["scores"], "prompt_scores": base["prompt_scores"], "kl": 0.0, "degenerate_share": base["degenerate_share"],
                 "mean_words": base["mean_words"], "version": service.served_version()}
         base_label = last["version"]  # what /healthz calls the bare base
         user_cfg = UserConfig(ratings=args.ratings, users=args.users, flip=args.flip,
@@ -286,6 +290,7 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
                 "error": result.error, "retrain_s": result.seconds, "swap_s": swap_s,
                 "feedback_to_serving_s": to_serving_s, "serving": version,
                 "measured": eval_s > 0, "eval_s": eval_s, "scores": last["scores"],
+                "prompt_scores": last["prompt_scores"],
                 "kl": last["kl"], "degenerate_share": last["degenerate_share"],
                 "mean_words": last["mean_words"],
                 "examples": [[p, g[0]] for p, g in
@@ -330,18 +335,24 @@ def table_rows(trajectories: list[dict], base: dict, judges: list[str]) -> list[
         for judge in ([t["judge"]] if t["judge"] else judges):
             rows.append({"judge": judge, "condition": t["condition"], "round": 0,
                          "version": None, "decision": None, "score": base["scores"][judge],
-                         "ceiling": base["ceiling"][judge], "share_of_way": 0.0, "kl": 0.0,
+                         "ceiling": base["ceiling"][judge], "share_of_way": 0.0,
+                         "share_se": None, "kl": 0.0,
                          "degenerate_share": base["degenerate_share"],
                          "mean_words": base["mean_words"], "feedback": None,
                          "feedback_to_serving_s": None})
+            gap = base["ceiling"][judge] - base["scores"][judge]
             for r in t["rounds"]:
                 score = r["scores"][judge]
+                # the share's standard error: the rise's over the base, paired by prompt
+                share_se = (paired_se(r["prompt_scores"][judge], base["prompt_scores"][judge])
+                            / gap if "prompt_scores" in r and gap > 1e-9 else None)
                 rows.append({
                     "judge": judge, "condition": t["condition"], "round": r["round"],
                     "version": r["serving"], "decision": r["decision"] or r["status"],
                     "score": score, "ceiling": base["ceiling"][judge],
                     "share_of_way": share_of_way(score, base["scores"][judge],
                                                  base["ceiling"][judge]),
+                    "share_se": share_se,
                     "kl": r["kl"], "degenerate_share": r["degenerate_share"],
                     "mean_words": r["mean_words"], "feedback": r["feedback"],
                     "feedback_to_serving_s": r["feedback_to_serving_s"]})

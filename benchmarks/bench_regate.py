@@ -21,7 +21,7 @@ degenerate replies. The control run's candidates (random ratings) are never bett
 gate must not promote them. ``--truth-cache FILE`` keeps those samples' scores between
 runs (written as they are computed), so two checkouts' gates can be compared on one truth.
 
-    python benchmarks/bench_regate.py --work-dir DIR [--model DIR] [--scorer split|all|heldout] [--json FILE]
+    python benchmarks/bench_regate.py --work-dir DIR [--seed N] [--model DIR] [--scorer split|all|heldout] [--json FILE]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     config = _gate_config(args.gate)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    heldout = list(build_prompt_sets(args.heldout).heldout)
+    heldout = list(build_prompt_sets(args.heldout, seed=args.seed).heldout)
     cache: dict[str, Any] = {}
     if args.truth_cache and args.truth_cache.exists():
         cache = json.loads(args.truth_cache.read_text())
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="the run's model folder (default: the demo model, "
                         "built into ./data when missing)")
     parser.add_argument("--heldout", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the run's --seed, which drew its held-out prompts (default 0)")
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--truth-cache", type=Path)

@@ -2,8 +2,10 @@
 
 * ``sample_heldout``: ``k`` replies to each held-out prompt through ``/v1/chat/completions``
   at the service's default sampling (the replies are stored, never rated);
-* judge scores: the mean over all replies; best-of-n ceiling: per prompt the judge's
-  favourite of its replies, averaged over prompts; spread: distinct replies per prompt;
+* judge scores: the mean over all replies, and each prompt's mean (``prompt_means``), from
+  which ``paired_se`` gives the standard error of a rise over the base on the same
+  prompts; best-of-n ceiling: per prompt the judge's favourite of its replies, averaged
+  over prompts; spread: distinct replies per prompt;
 * degenerate share: :func:`retrain.evaluate.is_degenerate` over all replies;
 * ``KLMeter``: the mean per-token ``KL(policy || base) = sum_v p(v) (log p(v) - log q(v))``
   over the reply tokens of the sampled replies, teacher-forced through the base with the
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -56,6 +59,27 @@ def sample_heldout(service: Service, prompts: Sequence[str], k: int, *,
 def mean_score(judge: Judge, prompts: Sequence[str], samples: Samples) -> float:
     scores = [judge.score(p, r) for p, group in zip(prompts, samples, strict=True) for r in group]
     return sum(scores) / len(scores)
+
+
+def prompt_means(judge: Judge, prompts: Sequence[str], samples: Samples) -> list[float]:
+    """The judge's mean score of each prompt's replies, in the prompts' order."""
+    return [sum(judge.score(p, r) for r in group) / len(group)
+            for p, group in zip(prompts, samples, strict=True)]
+
+
+def paired_se(after: Sequence[float], before: Sequence[float]) -> float:
+    """Standard error of ``mean(after) - mean(before)`` over prompts, paired by prompt:
+    the sample standard deviation of the per-prompt differences over sqrt(prompts).
+    It counts the sampling noise of both sides and the spread between prompts; NaN
+    with fewer than two prompts."""
+    if len(after) != len(before):
+        raise ValueError(f"{len(after)} prompts against {len(before)}")
+    n = len(after)
+    if n < 2:
+        return math.nan
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    mean = sum(diffs) / n
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
 
 def best_of(judge: Judge, prompts: Sequence[str], samples: Samples) -> float:

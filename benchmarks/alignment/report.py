@@ -41,10 +41,10 @@ def print_report(report: dict[str, Any]) -> None:
                 continue
             rows.append((row["condition"], row["round"], row["version"] or "base",
                          row["decision"] or "-", row["score"], row["ceiling"], row["share_of_way"],
-                         row["kl"], row["degenerate_share"], row["mean_words"],
+                         row.get("share_se"), row["kl"], row["degenerate_share"], row["mean_words"],
                          feedback_cell(row.get("feedback")), row["feedback_to_serving_s"]))
         print_table(("condition", "round", "serving", "decision", "score", "ceiling",
-                     "share of way", "KL nats/tok", "degenerate", "words",
+                     "share of way", "± se", "KL nats/tok", "degenerate", "words",
                      "up/down/edits/picks", "last fb->serving s"), rows,
                     title=f"judge {judge}: mean score on held-out prompts (base "
                           f"{fmt(base['scores'][judge])}, best-of-"
