@@ -76,7 +76,6 @@ from alignment.measure import (  # noqa: E402
     KLMeter,
     best_of,
     degenerate_share,
-    mean_score,
     mean_words,
     paired_se,
     prompt_means,
@@ -212,9 +211,10 @@ def measure(service: Service, prompts: tuple[str, ...], k: int, judges: list[str
     t0 = time.perf_counter()
     kl = (kl_meter.kl(service.adapter_path(version), prompts, samples)
           if kl_meter is not None and version else 0.0)
-    return {"samples": samples, "scores": {j: mean_score(JUDGES[j], prompts, samples)
-                                           for j in judges},
-            "prompt_scores": {j: prompt_means(JUDGES[j], prompts, samples) for j in judges},
+    per_prompt = {j: prompt_means(JUDGES[j], prompts, samples) for j in judges}
+    # every prompt has k replies, so the mean over prompts is the mean over replies
+    return {"samples": samples, "scores": {j: sum(v) / len(v) for j, v in per_prompt.items()},
+            "prompt_scores": per_prompt,
             "degenerate_share": degenerate_share(samples), "mean_words": mean_words(samples),
             "kl": kl, "eval_s": sample_s + time.perf_counter() - t0}
 
@@ -250,8 +250,9 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
                     "examples": [[p, g[0]] for p, g in zip(prompts.heldout, m["samples"], strict=True)][:8]}
             times["base_s"] = time.perf_counter() - t0
             base_future.set_result(base)
-        last = {"scores": base["scores"], "prompt_scores": base["prompt_scores"], "kl": 0.0, "degenerate_share": base["degenerate_share"],
-                "mean_words": base["mean_words"], "version": service.served_version()}
+        last = {"scores": base["scores"], "prompt_scores": base["prompt_scores"], "kl": 0.0,
+                "degenerate_share": base["degenerate_share"], "mean_words": base["mean_words"],
+                "version": service.served_version()}
         base_label = last["version"]  # what /healthz calls the bare base
         user_cfg = UserConfig(ratings=args.ratings, users=args.users, flip=args.flip,
                               edit_share=args.edit_share, regen_share=args.regen_share,

@@ -56,11 +56,6 @@ def sample_heldout(service: Service, prompts: Sequence[str], k: int, *,
     return out, time.perf_counter() - t0
 
 
-def mean_score(judge: Judge, prompts: Sequence[str], samples: Samples) -> float:
-    scores = [judge.score(p, r) for p, group in zip(prompts, samples, strict=True) for r in group]
-    return sum(scores) / len(scores)
-
-
 def prompt_means(judge: Judge, prompts: Sequence[str], samples: Samples) -> list[float]:
     """The judge's mean score of each prompt's replies, in the prompts' order."""
     return [sum(judge.score(p, r) for r in group) / len(group)
