@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.measure import paired_se, prompt_means  # noqa: E402
 from bench_alignment import table_rows  # noqa: E402
+from bench_selection import picks  # noqa: E402
 
 
 def test_paired_se_is_the_standard_error_of_the_per_prompt_differences() -> None:
@@ -52,3 +53,18 @@ def test_table_rows_put_the_shares_standard_error_beside_it() -> None:
     assert rows[1]["share_se"] == pytest.approx(paired_se([1.0] * 4, [0.0, 0.5, 1.0, 0.5]) / 0.5)
     assert rows[1]["share_se"] > 0
     assert rows[2]["share_se"] is None
+
+
+def test_selection_picks_score_the_mean_the_scorers_pick_and_the_judges_pick() -> None:
+    judge = JUDGES["calm"]  # 1 without "!", 0 with
+    replies = [["Yes!", "Yes.", "No!"], ["Fine!", "Fine!", "Fine."]]
+
+    def longest(pairs):  # noqa: ANN001, ANN202
+        return [float(len(reply)) for _, reply in pairs]
+
+    two = picks(["a", "b"], replies, judge.score, longest, 2)
+    # prompt a: "Yes!" 0, "Yes." 1 (a tie in length: the first); prompt b: both 0
+    assert two == {"mean": pytest.approx(0.25), "scorer": 0.0, "judge": 0.5}
+    three = picks(["a", "b"], replies, judge.score, longest, 3)
+    assert three["judge"] == 1.0 and three["scorer"] == 0.0
+    assert three["mean"] == pytest.approx((1 / 3 + 1 / 3) / 2)

@@ -1,0 +1,118 @@
+"""How much of the best-of-n ceiling the feedback-trained scorer reaches by picking among
+the base's own replies to held-out prompts, next to the judge's own pick.
+
+A round's own-reply pairs (:mod:`retrain.onpolicy`) teach the model the scorer's pick of
+``pair_samples`` replies on the prompts users asked. This measures that pick where the
+training never looks: for the rows a ``bench_alignment.py --work-dir DIR`` run had when
+it trained ``--version`` of ``--run``, the scorer is fitted as the round fitted it (the
+ranking half of the rows, :func:`retrain.reward_model.split_halves`), the base samples
+``--samples`` replies (as served, up to 256 tokens) to each of ``--heldout`` held-out
+prompts, and for n = 1, 2, 4, ... the judge scores the mean reply, the scorer's pick of
+the first n and the judge's own pick of them (the best-of-n ceiling). If the scorer's
+pick is close to the judge's, the scorer is not what holds a round back; what a trained
+candidate reaches (``bench_round.py``) against the scorer's pick says how much is lost
+in carrying the pick over to prompts the round never saw.
+
+    python benchmarks/bench_selection.py --work-dir DIR --run kto-on_subject --version v0003 \\
+        [--heldout 72] [--samples 8] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alignment import sim  # noqa: E402
+from alignment.judges import JUDGES  # noqa: E402
+from alignment.prompts import build_prompt_sets  # noqa: E402
+from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
+
+
+def picks(prompts: list[str], replies: list[list[str]], judge_score, scorer_odds,
+          n: int) -> dict[str, float]:
+    """Mean judge score over ``prompts`` of: every one of the first ``n`` replies
+    (``mean``), the one ``scorer_odds`` rates highest (``scorer``), and the one the judge
+    rates highest (``judge``)."""
+    totals = {"mean": 0.0, "scorer": 0.0, "judge": 0.0}
+    for prompt, group in zip(prompts, replies, strict=True):
+        group = group[:n]
+        scores = [judge_score(prompt, r) for r in group]
+        odds = scorer_odds([(prompt, r) for r in group])
+        totals["mean"] += sum(scores) / len(scores)
+        totals["scorer"] += scores[max(range(len(group)), key=odds.__getitem__)]
+        totals["judge"] += max(scores)
+    return {k: v / len(prompts) for k, v in totals.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from feedback_store.store import FeedbackStore
+    from retrain import modeling
+    from retrain.reward_model import split_halves, train_reward_model
+    from retrain.rows import round_rows
+
+    torch.set_num_threads(args.threads)
+    data = args.work_dir / args.run
+    judge = JUDGES[args.judge or args.run.split("-", 1)[-1]]
+    manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
+    store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
+    rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
+    ranking, _ = split_halves(rows.kto, rows.dpo)
+    scorer = train_reward_model(*ranking, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    base = modeling.load_eval_model(args.model, adapter_path=None,
+                                    device=torch.device("cpu"), quantize_4bit=False)
+    prompts = list(build_prompt_sets(args.heldout).heldout)
+    replies = sim.sample_replies(base, tokenizer, prompts, args.samples, seed=args.seed,
+                                 max_new_tokens=256)
+    sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= args.samples]
+    table = {n: picks(prompts, replies, judge.score, scorer.log_odds, n) for n in sizes}
+    floor, top = table[sizes[-1]]["mean"], table[sizes[-1]]["judge"]
+    print(f"{args.run} {args.version}: {judge.name} on {len(prompts)} held-out prompts, "
+          f"scorer fitted to {len(ranking[0])} thumbs and {len(ranking[1])} pairs")
+    print(f"{'n':>3}  {'mean':>6}  {'scorer':>6}  {'judge':>6}  scorer's share of the way")
+    for n in sizes:
+        row = table[n]
+        share = (row["scorer"] - floor) / (top - floor) if top > floor else float("nan")
+        print(f"{n:>3}  {row['mean']:6.3f}  {row['scorer']:6.3f}  {row['judge']:6.3f}  "
+              f"{share:.2f}")
+    print(f"(the share is of the way from the mean reply, {floor:.3f}, to the judge's "
+          f"best of {sizes[-1]}, {top:.3f})")
+    print(machine_note())
+    return {"run": args.run, "version": args.version, "judge": judge.name,
+            "heldout_prompts": len(prompts), "samples": args.samples, "seed": args.seed,
+            "scorer_thumbs": len(ranking[0]), "scorer_pairs": len(ranking[1]),
+            "picks": {str(n): v for n, v in table.items()}, "note": machine_note()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_candidate_args(parser, run_help="<condition>-<judge> or control")
+    parser.add_argument("--judge", choices=sorted(JUDGES),
+                        help="the judge (default: the run's; required for control)")
+    parser.add_argument("--heldout", type=int, default=72, help="held-out prompts (72)")
+    parser.add_argument("--samples", type=int, default=8, help="replies per prompt (8)")
+    parser.add_argument("--seed", type=int, default=99)
+    parser.add_argument("--eval-fraction", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.judge is None and "-" not in args.run:
+        parser.error(f"--judge is needed for the run {args.run!r}")
+    if args.samples < 1 or args.heldout < 1:
+        parser.error("--samples and --heldout must be at least 1")
+    if not (args.work_dir / args.run / "adapters" / args.version / "manifest.json").is_file():
+        parser.error(f"no candidate {args.version} in {args.work_dir / args.run}")
+    args.model = model_or_demo(args.model)
+    write_json(args.json, {"benchmark": "bench_selection", **run(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
