@@ -11,10 +11,13 @@ prompts, and for n = 1, 2, 4, ... the judge scores the mean reply, the scorer's 
 the first n and the judge's own pick of them (the best-of-n ceiling). If the scorer's
 pick is close to the judge's, the scorer is not what holds a round back; what a trained
 candidate reaches (``bench_round.py``) against the scorer's pick says how much is lost
-in carrying the pick over to prompts the round never saw.
+in carrying the pick over to prompts the round never saw. ``--candidate`` measures that
+directly: the judge's score of 4 replies of the base and of the version ``--version``
+itself, on the held-out prompts and on as many of the prompts its round trained on (the
+training split's, rated or only asked).
 
     python benchmarks/bench_selection.py --work-dir DIR --run kto-on_subject --version v0003 \\
-        [--heldout 72] [--samples 8] [--json FILE]
+        [--heldout 72] [--samples 8] [--candidate] [--json FILE]
 """
 
 from __future__ import annotations
@@ -84,11 +87,47 @@ def run(args: argparse.Namespace) -> dict:
               f"{share:.2f}")
     print(f"(the share is of the way from the mean reply, {floor:.3f}, to the judge's "
           f"best of {sizes[-1]}, {top:.3f})")
+    out = {"run": args.run, "version": args.version, "judge": judge.name,
+           "heldout_prompts": len(prompts), "samples": args.samples, "seed": args.seed,
+           "scorer_thumbs": len(ranking[0]), "scorer_pairs": len(ranking[1]),
+           "picks": {str(n): v for n, v in table.items()}}
+    if args.candidate:
+        out["transfer"] = transfer(args, base, tokenizer, judge, prompts, rows)
     print(machine_note())
-    return {"run": args.run, "version": args.version, "judge": judge.name,
-            "heldout_prompts": len(prompts), "samples": args.samples, "seed": args.seed,
-            "scorer_thumbs": len(ranking[0]), "scorer_pairs": len(ranking[1]),
-            "picks": {str(n): v for n, v in table.items()}, "note": machine_note()}
+    return {**out, "note": machine_note()}
+
+
+def transfer(args: argparse.Namespace, base, tokenizer, judge, heldout: list[str],
+             rows) -> dict[str, dict[str, float]]:
+    """The judge's mean score of 4 replies of the base and of the candidate, on prompts
+    its round trained on (as many as ``heldout``, drawn at random) and on ``heldout``."""
+    import random
+
+    import torch
+
+    from retrain import modeling
+    from retrain.reward_model import last_user_text
+
+    asked = sorted({last_user_text(p) for p in rows.train_asked}
+                   | {last_user_text(r["prompt"]) for r in [*rows.kto, *rows.dpo]})
+    random.Random(args.seed).shuffle(asked)
+    sets = {"trained": asked[:len(heldout)], "heldout": heldout}
+    candidate = modeling.load_eval_model(
+        args.model, adapter_path=args.work_dir / args.run / "adapters" / args.version,
+        device=torch.device("cpu"), quantize_4bit=False)
+    out: dict[str, dict[str, float]] = {}
+    for name, prompts in sets.items():
+        scores = {}
+        for who, model in (("base", base), ("candidate", candidate)):
+            replies = sim.sample_replies(model, tokenizer, prompts, 4, seed=4321,
+                                         max_new_tokens=256)
+            scores[who] = picks(prompts, replies, judge.score, lambda p: [0.0] * len(p),
+                                4)["mean"]
+        out[name] = {**scores, "prompts": float(len(prompts))}
+        print(f"{name:>8} prompts ({len(prompts)}): base {scores['base']:.3f}, "
+              f"{args.version} {scores['candidate']:.3f}, rise "
+              f"{scores['candidate'] - scores['base']:+.3f}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", type=int, default=72, help="held-out prompts (72)")
     parser.add_argument("--samples", type=int, default=8, help="replies per prompt (8)")
     parser.add_argument("--seed", type=int, default=99)
+    parser.add_argument("--candidate", action="store_true",
+                        help="also judge --version itself on trained and held-out prompts")
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
