@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -37,7 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_gate import _truth  # noqa: E402
-from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_candidate_args,
+    candidate_rows,
+    check_candidate_args,
+    machine_note,
+    model_or_demo,
+    write_json,
+)
 
 _SHOWN = ("steps", "kl_sampled", "kl_backoffs", "stopped_by_kl_budget", "kl_checks")
 
@@ -73,18 +79,13 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from feedback_store.store import FeedbackStore
     from retrain import modeling
     from retrain.budget import probe_prompts
-    from retrain.rows import round_rows
     from retrain.train import train_round
 
     torch.set_num_threads(args.threads)
-    data = args.work_dir / args.run
     judge = JUDGES[args.judge or args.run.split("-", 1)[-1]]
-    manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
-    store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
-    rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
+    rows = candidate_rows(args)
     config = train_config(args.train)
     device = modeling.resolve_device(args.device)
     quantize = modeling.resolve_quantize(config.quantize_4bit, device)
@@ -141,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the worker and the server load it (--train quantize_4bit=false: unquantised)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.judge is None and "-" not in args.run:
-        parser.error(f"--judge is needed for the run {args.run!r}")
-    if not (args.work_dir / args.run / "adapters" / args.version / "manifest.json").is_file():
-        parser.error(f"no candidate {args.version} in {args.work_dir / args.run}")
+    check_candidate_args(parser, args)
     args.model = model_or_demo(args.model)
     write_json(args.json, {"benchmark": "bench_round", **run(args)})
     return 0

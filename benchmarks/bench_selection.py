@@ -23,7 +23,6 @@ training split's, rated or only asked).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alignment import sim  # noqa: E402
 from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
-from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_candidate_args,
+    candidate_rows,
+    check_candidate_args,
+    machine_note,
+    model_or_demo,
+    write_json,
+)
 
 
 def picks(prompts: list[str], replies: list[list[str]], judge_score, scorer_odds,
@@ -55,17 +61,12 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from feedback_store.store import FeedbackStore
     from retrain import modeling
     from retrain.reward_model import split_halves, train_reward_model
-    from retrain.rows import round_rows
 
     torch.set_num_threads(args.threads)
-    data = args.work_dir / args.run
     judge = JUDGES[args.judge or args.run.split("-", 1)[-1]]
-    manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
-    store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
-    rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
+    rows = candidate_rows(args)
     ranking, _ = split_halves(rows.kto, rows.dpo)
     scorer = train_reward_model(*ranking, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -144,12 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.judge is None and "-" not in args.run:
-        parser.error(f"--judge is needed for the run {args.run!r}")
     if args.samples < 1 or args.heldout < 1:
         parser.error("--samples and --heldout must be at least 1")
-    if not (args.work_dir / args.run / "adapters" / args.version / "manifest.json").is_file():
-        parser.error(f"no candidate {args.version} in {args.work_dir / args.run}")
+    check_candidate_args(parser, args)
     args.model = model_or_demo(args.model)
     write_json(args.json, {"benchmark": "bench_selection", **run(args)})
     return 0

@@ -73,6 +73,28 @@ def add_candidate_args(parser: argparse.ArgumentParser, *, run_help: str) -> Non
                         "built into ./data when missing)")
 
 
+def check_candidate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Report through ``parser.error`` a control run without ``--judge`` (when the parser
+    has one) or a ``--version`` the run does not have."""
+    if getattr(args, "judge", "") is None and "-" not in args.run:
+        parser.error(f"--judge is needed for the run {args.run!r}")
+    if not (args.work_dir / args.run / "adapters" / args.version / "manifest.json").is_file():
+        parser.error(f"no candidate {args.version} in {args.work_dir / args.run}")
+
+
+def candidate_rows(args: argparse.Namespace) -> Any:
+    """The rows the retraining worker built for candidate ``--version`` of ``--run``
+    (:func:`retrain.rows.round_rows`: the feedback up to the version's last event, split
+    by prompt with ``--eval-fraction``)."""
+    from feedback_store.store import FeedbackStore
+    from retrain.rows import round_rows
+
+    data = args.work_dir / args.run
+    manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
+    store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
+    return round_rows(store, manifest["last_event_id"], args.eval_fraction)
+
+
 # ------------------------------------------------------------------------- models, adapters
 
 
