@@ -16,7 +16,6 @@ and the steps taken are the same. The ratio of the seconds is measured in the sa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_candidate_args,
+    candidate_rows,
+    check_candidate_args,
+    machine_note,
+    model_or_demo,
+    write_json,
+)
 
 _SHOWN = ("kto/steps", "kto/seconds", "kto/loss_final", "dpo/steps", "dpo/seconds",
           "dpo/loss_final", "pairs/seconds", "pairs/own", "kl_sampled", "kl_checks",
@@ -61,24 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    manifest_path = args.work_dir / args.run / "adapters" / args.version / "manifest.json"
-    if not manifest_path.is_file():
-        parser.error(f"no candidate {args.version} in {args.work_dir / args.run}")
+    check_candidate_args(parser, args)
     args.model = model_or_demo(args.model)
 
     import torch
 
-    from feedback_store.store import FeedbackStore
     from retrain import grouping
     from retrain.budget import probe_prompts
-    from retrain.rows import round_rows
     from retrain.train import TrainConfig
 
     torch.set_num_threads(args.threads)
-    manifest = json.loads(manifest_path.read_text())
-    store = FeedbackStore.open(f"sqlite:///{args.work_dir / args.run / 'feedback.db'}")
-    rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
-    store.close()
+    rows = candidate_rows(args)
     probes = probe_prompts([*rows.heldout_kto, *rows.heldout_dpo,
                             *({"prompt": p} for p in rows.asked)],
                            TrainConfig().kl_probe_prompts, TrainConfig().seed)

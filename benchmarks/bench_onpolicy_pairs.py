@@ -23,7 +23,6 @@ chosen; ``bench_edit_cost.py``) are kept beside the new pairs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from alignment.judges import JUDGES  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from bench_edit_cost import edit_cost  # noqa: E402
 from bench_gate import _truth  # noqa: E402
-from common import add_candidate_args, machine_note, model_or_demo, write_json  # noqa: E402
+from common import add_candidate_args, candidate_rows, machine_note, model_or_demo, write_json  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,18 +45,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from feedback_store.store import FeedbackStore
     from retrain.budget import probe_prompts
     from retrain.reward_model import last_user_text, train_reward_model
-    from retrain.rows import round_rows
     from retrain.train import TrainConfig, train_round
 
     torch.set_num_threads(args.threads)
-    data = args.work_dir / args.run
     judge = JUDGES[args.run.split("-", 1)[1]]
-    manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
-    store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
-    rows = round_rows(store, manifest["last_event_id"], args.eval_fraction)
+    rows = candidate_rows(args)
     # the pairs are built here, so the trainer's own refresh (the default since) is off
     config = replace(TrainConfig(), learning_rate=args.rate, refresh_pairs=False)
     probes = probe_prompts([*rows.heldout_kto, *rows.heldout_dpo,

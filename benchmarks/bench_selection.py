@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alignment import sim  # noqa: E402
 from alignment.judges import JUDGES  # noqa: E402
+from alignment.measure import prompt_means  # noqa: E402
 from alignment.prompts import build_prompt_sets  # noqa: E402
 from common import (  # noqa: E402
     add_candidate_args,
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> dict:
            "picks": {str(n): v for n, v in table.items()}}
     if args.candidate:
         out["transfer"] = transfer(args, base, tokenizer, judge, prompts, rows)
-    print(machine_note())
-    return {**out, "note": machine_note()}
+    note = machine_note()
+    print(note)
+    return {**out, "note": note}
 
 
 def transfer(args: argparse.Namespace, base, tokenizer, judge, heldout: list[str],
@@ -122,8 +124,7 @@ def transfer(args: argparse.Namespace, base, tokenizer, judge, heldout: list[str
         for who, model in (("base", base), ("candidate", candidate)):
             replies = sim.sample_replies(model, tokenizer, prompts, 4, seed=4321,
                                          max_new_tokens=256)
-            scores[who] = picks(prompts, replies, judge.score, lambda p: [0.0] * len(p),
-                                4)["mean"]
+            scores[who] = sum(prompt_means(judge, prompts, replies)) / len(prompts)
         out[name] = {**scores, "prompts": float(len(prompts))}
         print(f"{name:>8} prompts ({len(prompts)}): base {scores['base']:.3f}, "
               f"{args.version} {scores['candidate']:.3f}, rise "

@@ -92,7 +92,10 @@ def candidate_rows(args: argparse.Namespace) -> Any:
     data = args.work_dir / args.run
     manifest = json.loads((data / "adapters" / args.version / "manifest.json").read_text())
     store = FeedbackStore.open(f"sqlite:///{data / 'feedback.db'}")
-    return round_rows(store, manifest["last_event_id"], args.eval_fraction)
+    try:
+        return round_rows(store, manifest["last_event_id"], args.eval_fraction)
+    finally:
+        store.close()
 
 
 # ------------------------------------------------------------------------- models, adapters
