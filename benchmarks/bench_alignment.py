@@ -80,6 +80,7 @@ from alignment.measure import (  # noqa: E402
     paired_se,
     prompt_means,
     sample_heldout,
+    selection_kl,
     spread,
 )
 from alignment.prompts import build_prompt_sets  # noqa: E402
@@ -87,6 +88,8 @@ from alignment.report import plot, print_report, share_of_way  # noqa: E402
 from alignment.service import Service  # noqa: E402
 from alignment.users import CONDITIONS, UserConfig, run_users  # noqa: E402
 from common import ROOT, machine_note, write_json  # noqa: E402
+
+from feedback_store.reply_scorer import SCORER_FILE  # noqa: E402
 
 FULL = {"judges": "concise,calm,on_subject", "conditions": "kto,dpo,both,control", "rounds": 3,
         "ratings": 200, "heldout": 24, "samples": 4}
@@ -130,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a training setting (FEEDBACK_CHAT_TRAIN_NAME), repeatable")
     p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help="a gate setting (FEEDBACK_CHAT_GATE_NAME), repeatable")
+    p.add_argument("--rerank-samples", type=int,
+                   help="the service's rerank_samples (default: its own, 4; 1: every reply "
+                        "is the one sampled, never the scorer's pick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the KL pass")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at once, each service and its rounds on CPU cores / jobs torch "
@@ -156,6 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not 0 <= getattr(args, name) <= 1:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1]")
     args.env, env_problems = setting_env(args.train, args.gate)
+    if args.rerank_samples is not None:
+        if not 1 <= args.rerank_samples <= 16:
+            env_problems.append("--rerank-samples must be 1-16")
+        args.env["FEEDBACK_CHAT_RERANK_SAMPLES"] = str(args.rerank_samples)
     args.threads_env = thread_env(args.jobs)
     problems += env_problems
     if problems:
@@ -209,14 +219,19 @@ def measure(service: Service, prompts: tuple[str, ...], k: int, judges: list[str
             kl_meter: KLMeter | None, version: str | None) -> dict[str, Any]:
     samples, sample_s = sample_heldout(service, prompts, k)
     t0 = time.perf_counter()
-    kl = (kl_meter.kl(service.adapter_path(version), prompts, samples)
-          if kl_meter is not None and version else 0.0)
+    kl = selection = 0.0
+    if kl_meter is not None and version:
+        folder = service.adapter_path(version)
+        kl, tokens = kl_meter.kl(folder, prompts, samples)
+        if (folder / SCORER_FILE).is_file():  # the service served the best of n samples
+            selection = selection_kl(service.rerank_samples, tokens)
     per_prompt = {j: prompt_means(JUDGES[j], prompts, samples) for j in judges}
     # every prompt has k replies, so the mean over prompts is the mean over replies
     return {"samples": samples, "scores": {j: sum(v) / len(v) for j, v in per_prompt.items()},
             "prompt_scores": per_prompt,
             "degenerate_share": degenerate_share(samples), "mean_words": mean_words(samples),
-            "kl": kl, "eval_s": sample_s + time.perf_counter() - t0}
+            "kl": kl + selection, "kl_selection": selection,
+            "eval_s": sample_s + time.perf_counter() - t0}
 
 
 def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.Namespace,

@@ -222,18 +222,11 @@ def serve_engine(settings: Any, *, served_model: str | None = None) -> int:
     """Load the model named by ``settings`` and serve it until interrupted."""
     import uvicorn
 
-    from .engine import Engine, EngineConfig
+    from .engine import Engine
     from .model_source import resolve_model
 
     model = resolve_model(settings)
-    engine = Engine.from_config(EngineConfig(
-        model=model,
-        device=settings.device or None,
-        quantize_4bit={"auto": None, "on": True, "off": False}[settings.quantize_4bit],
-        max_input_tokens=settings.max_input_tokens,
-        max_concurrent=settings.max_concurrent,
-        max_queued=settings.max_queued,
-    ))
+    engine = Engine.from_config(settings.engine_config(model))
     name = served_model or settings.model or "demo-model"
     app = create_engine_app(engine, served_model=name, defaults=SamplingParams(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,

@@ -64,7 +64,7 @@ class Services:
 def build_services(settings: Settings, *, engine: Any | None = None,
                    store: FeedbackStore | None = None, start_watcher: bool = True,
                    start_scheduler: bool | None = None) -> Services:
-    from .engine import Engine, EngineConfig
+    from .engine import Engine
 
     store = store or FeedbackStore.open(settings.resolved_database_url)
     if engine is None and settings.engine_urls():
@@ -77,14 +77,7 @@ def build_services(settings: Settings, *, engine: Any | None = None,
     if engine is None:
         from .model_source import resolve_model
 
-        engine = Engine.from_config(EngineConfig(
-            model=resolve_model(settings),
-            device=settings.device or None,
-            quantize_4bit={"auto": None, "on": True, "off": False}[settings.quantize_4bit],
-            max_input_tokens=settings.max_input_tokens,
-            max_concurrent=settings.max_concurrent,
-            max_queued=settings.max_queued,
-        ))
+        engine = Engine.from_config(settings.engine_config(resolve_model(settings)))
     metrics = Metrics()
     metrics.add_store_collector(store.counts)
     services = Services(settings=settings, store=store, engine=MeteredEngine(engine, metrics),

@@ -53,6 +53,9 @@ class Settings:
     max_concurrent: int = field(default=8, metadata=_meta("generations advancing at once"))
     max_queued: int = field(default=32, metadata=_meta(
         "requests waiting beyond those; more get 'busy, try again'"))
+    rerank_samples: int = field(default=4, metadata=_meta(
+        "replies sampled together for each one served when the adapter version has a "
+        "reply scorer; the scorer's favourite is sent (1: off)"))
     engine_url: str = field(default="", metadata=_meta(
         "comma-separated engine servers (feedback-chat engine, or vLLM with runtime LoRA "
         "loading) to generate on; empty: the model runs inside this server"))
@@ -157,6 +160,8 @@ class Settings:
                 p.append(f"{name} must be at least 1")
         if self.max_queued < 0:
             p.append("max_queued must be 0 or more")
+        if not 1 <= self.rerank_samples <= 16:
+            p.append("rerank_samples must be 1-16")
         if not 0.0 <= self.temperature <= 5.0:
             p.append("temperature must be between 0 and 5")
         if not 0.0 < self.top_p <= 1.0:
@@ -224,6 +229,20 @@ class Settings:
         """The canary settings as ``feedback_store.canary.CanaryConfig`` fields."""
         return {name: getattr(self, "canary_" + name) for name in (
             "share", "min_ratings", "margin", "error_rate", "time_limit_hours", "max_ratings")}
+
+    def engine_config(self, model: str) -> Any:
+        """The in-process engine's configuration for ``model`` (an ``EngineConfig``)."""
+        from .engine import EngineConfig
+
+        return EngineConfig(
+            model=model,
+            device=self.device or None,
+            quantize_4bit={"auto": None, "on": True, "off": False}[self.quantize_4bit],
+            max_input_tokens=self.max_input_tokens,
+            max_concurrent=self.max_concurrent,
+            max_queued=self.max_queued,
+            rerank_samples=self.rerank_samples,
+        )
 
     def engine_urls(self) -> list[str]:
         return [u.strip() for u in self.engine_url.split(",") if u.strip()]

@@ -1,12 +1,9 @@
 """A small reward model learned from the feedback itself, to score generated replies.
 
-Features of a (prompt, reply) pair, hashed into ``DIMENSIONS`` buckets (each present
-feature counts 1, the vector is scaled to unit length):
-
-- the reply's word unigrams and bigrams (lower-cased words and punctuation marks);
-- its length in words, bucketed (0, 1-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128+);
-- how many ``!`` and ``?`` it has and how many list lines (``-``, ``*``, ``1.``), bucketed;
-- the share of the prompt's words (last user message) that the reply repeats, bucketed.
+Its features of a (prompt, reply) pair (word unigrams and bigrams, length, ``!``, ``?``
+and list lines, the share of the prompt's words repeated, hashed into ``DIMENSIONS``
+buckets) are :func:`feedback_store.reply_scorer.features`, shared with the engine, which
+reads a round's scorer from the file :meth:`RewardModel.to_reply_scorer` gives.
 
 The score is linear, ``s(x, y) = w . phi(x, y)``, and one set of weights serves both
 kinds of feedback:
@@ -39,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -47,52 +43,15 @@ import torch
 import torch.nn.functional as F
 
 from feedback_store.datasets import prompt_key
+from feedback_store.reply_scorer import DIMENSIONS, ReplyScorer, features, last_user_text
 
-DIMENSIONS = 2**16
 MIN_THUMBS_PER_LABEL = 3
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_WORD = re.compile(r"\w+")
-_LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+", re.MULTILINE)
-
-
-def _bucket(n: float, edges: Sequence[float]) -> int:
-    """Index of the first edge ``n`` is below (``len(edges)`` when none)."""
-    return next((i for i, edge in enumerate(edges) if n < edge), len(edges))
-
-
-def _hash(feature: str) -> int:
-    return int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "big") % (
-        DIMENSIONS
-    )
-
-
-def features(prompt: str, reply: str) -> list[int]:
-    """The hashed feature indices of ``reply`` answering ``prompt`` (see module doc)."""
-    tokens = _TOKEN.findall(reply.lower())
-    words = _WORD.findall(reply.lower())
-    names = [f"u:{t}" for t in tokens]
-    names += [f"b:{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)]
-    names.append(f"len:{_bucket(len(words), (1, 4, 8, 16, 32, 64, 128))}")
-    names.append(f"excl:{_bucket(reply.count('!'), (1, 2, 4))}")
-    names.append(f"ques:{_bucket(reply.count('?'), (1, 2, 4))}")
-    names.append(f"list:{_bucket(len(_LIST_LINE.findall(reply)), (1, 3, 6))}")
-    asked = set(_WORD.findall(prompt.lower()))
-    if asked:
-        overlap = len(asked & set(words)) / len(asked)
-        names.append(f"overlap:{_bucket(overlap, (1e-9, 0.2, 0.5, 0.8))}")
-    return sorted({_hash(n) for n in names})
 
 
 def two_sided(labels: Sequence[bool]) -> bool:
     """Whether thumbs with these labels count: at least ``MIN_THUMBS_PER_LABEL`` of each."""
     ups = sum(bool(label) for label in labels)
     return min(ups, len(labels) - ups) >= MIN_THUMBS_PER_LABEL
-
-
-def last_user_text(prompt: list[dict]) -> str:
-    """The text of the last user message of a conversational prompt ('' when none)."""
-    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def _reply_text(messages: list[dict]) -> str:
@@ -200,6 +159,13 @@ class RewardModel:
         other, whatever share of the thumbs was up; :meth:`scores` squashes them where
         nearly all thumbs went one way."""
         return self._logits(pairs).tolist()
+
+    def to_reply_scorer(self, accuracy: dict | None = None) -> ReplyScorer:
+        """The same scorer in the serving form (its non-zero weights), to save beside an
+        adapter."""
+        index = torch.nonzero(self.weight).flatten().tolist()
+        return ReplyScorer(dict(zip(index, self.weight[index].tolist(), strict=True)),
+                           self.bias, accuracy)
 
     def accuracy(self, kto_rows: Sequence[dict], dpo_rows: Sequence[dict]) -> ScorerAccuracy:
         """Held-out accuracy on TRL rows (thumbs: balanced; pairs: ranking)."""
@@ -340,3 +306,31 @@ def cross_validated_accuracy(kto_rows: Sequence[dict], dpo_rows: Sequence[dict],
             [r for r, f in zip(kto_rows, kto_folds, strict=True) if f == k],
             [r for r, f in zip(dpo_rows, dpo_folds, strict=True) if f == k]))
     return ScorerAccuracy.of(outcomes, method="cross-validated")
+
+
+def serving_scorer(kto_rows: Sequence[dict], dpo_rows: Sequence[dict], *,
+                   min_accuracy: float, z: float = 1.96,
+                   seed: int = 0) -> tuple[ReplyScorer | None, dict]:
+    """The scorer the engine ranks a version's sampled replies by, fitted to all of a
+    round's rows (training and held-out), and what its check found.
+
+    It is written only when its accuracy cross-validated by prompt over those rows has a
+    lower bound (``z`` standard errors) above ``min_accuracy``, the check a round's
+    own-reply pairs pass (``TrainConfig.pair_min_accuracy``): a scorer fitted to random
+    ratings ranks by a direction of its own, and the served replies would follow it.
+    Returns ``(scorer or None, {"written", "rows", "accuracy", "lower_bound", "reason"})``."""
+    checked = cross_validated_accuracy(kto_rows, dpo_rows, seed=seed)
+    bound = checked.lower_bound(z)
+    info = {"rows": checked.n_rows, "accuracy": checked.accuracy, "lower_bound": bound,
+            "method": checked.method}
+    if bound is None or bound <= min_accuracy:
+        seen = "no rows to check it on" if bound is None else (
+            f"accuracy {checked.accuracy:.0%} on {checked.n_rows} rows cross-validated by "
+            f"prompt, lower bound {bound:.2f}, not above {min_accuracy:.2f}")
+        return None, {**info, "written": False, "reason": f"no reply scorer: {seen}"}
+    model = train_reward_model(kto_rows, dpo_rows, seed=seed)
+    return model.to_reply_scorer(info), {
+        **info, "written": True,
+        "reason": (f"reply scorer fitted to {len(kto_rows)} thumbs and {len(dpo_rows)} pairs "
+                   f"(accuracy {checked.accuracy:.0%} on {checked.n_rows} rows "
+                   f"cross-validated by prompt, lower bound {bound:.2f})")}

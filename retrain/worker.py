@@ -5,7 +5,9 @@ rows (training split; the held-out split, by prompt, is kept for the gate), trai
 from the active adapter, publish the candidate folder atomically, register it,
 compare the candidate's sampled replies with the active version's on held-out
 prompts (:func:`retrain.evaluate.evaluate_behaviour`, the model loaded as served), and
-promote, hold or reject with reasons (:func:`retrain.gate.gate_decision`). A
+promote, hold or reject with reasons (:func:`retrain.gate.gate_decision`). Beside the
+adapter goes the reply scorer the engine picks among sampled replies by
+(``scorer.json``, :func:`retrain.reward_model.serving_scorer`), when its check passes. A
 candidate the gate promotes becomes the canary (decision "canary": it serves a share of
 new conversations until live ratings decide, :mod:`feedback_store.canary`; a canary
 still running is stopped in its favour), or, with the canary off (share 0), active at
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback_store import FeedbackStore, Registry
+from feedback_store.reply_scorer import SCORER_FILE
 
 from .config import RetrainSettings
 from .publish import data_hash, publish, temp_dir
@@ -100,6 +103,8 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
     from .budget import probe_prompts
     from .evaluate import evaluate_behaviour
     from .gate import gate_decision
+    from .onpolicy import SCORER_Z
+    from .reward_model import serving_scorer
     from .train import train_round
 
     store = FeedbackStore.open(settings.database_url)
@@ -165,6 +170,11 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             beta=train_cfg.beta, device=settings.device,
             quantize_4bit=settings.quantize_4bit, max_length=train_cfg.max_length)
         decision, reasons = gate_decision(report, gate_cfg)
+        scorer, scorer_info = serving_scorer(
+            [*kto, *heldout_kto], [*dpo, *heldout_dpo],
+            min_accuracy=train_cfg.pair_min_accuracy, z=SCORER_Z, seed=train_cfg.seed)
+        if scorer is not None:
+            scorer.save(tmp / SCORER_FILE)
 
         manifest = {
             "parent_version": parent.version if parent else None,
@@ -178,6 +188,7 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             "train_metrics": result.metrics,
             "eval": report.to_dict(),
             "gate": {"decision": decision, "reasons": reasons},
+            "scorer": scorer_info,
             "config": {k: v for k, v in vars(train_cfg).items()},
             "run_id": run_id,
         }
@@ -188,7 +199,8 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
             except FileExistsError:
                 version = reg.next_version_name()
         metrics = {**{f"train/{k}": v for k, v in result.metrics.items()},
-                   **report.metrics(), "train_seconds": round(train_seconds, 2)}
+                   **report.metrics(), "train_seconds": round(train_seconds, 2),
+                   "reply_scorer": 1.0 if scorer is not None else 0.0}
         reg.register_version(version=version, path=str(adapters_dir / version),
                              parent_version=manifest["parent_version"], run_id=run_id,
                              data_hash=manifest["data_hash"], metrics=metrics)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from retrain.evaluate import evaluate_behaviour, is_degenerate
 from retrain.gate import GateConfig, gate_decision
+from retrain.reward_model import serving_scorer
 from retrain.train import TrainConfig, train_round
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -52,11 +53,12 @@ def _prompts() -> tuple[list[str], list[str]]:
     return rated, heldout[::2]
 
 
-def _measure(model, tokenizer, prompts: list[str]) -> tuple[float, float, float]:
+def _measure(model, tokenizer, prompts: list[str]) -> tuple[float, float, float, list]:
     replies = fs.sample_replies(model, tokenizer, prompts, 4, seed=1234)
     flat = [r for group in replies for r in group]
     kl = fs.kl_from_base(model, tokenizer, prompts, replies) if isinstance(model, PeftModel) else 0
-    return fs.mean_score(prompts, replies, calm), kl, sum(map(is_degenerate, flat)) / len(flat)
+    return (fs.mean_score(prompts, replies, calm), kl, sum(map(is_degenerate, flat)) / len(flat),
+            replies)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +89,8 @@ def rounds(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def test_a_default_round_moves_sampled_replies_toward_the_rule_within_budget(rounds: dict):
-    base_score, _, base_degenerate = rounds["base"]
-    score, kl, degenerate = rounds["rule"]
+    base_score, _, base_degenerate, _ = rounds["base"]
+    score, kl, degenerate, _ = rounds["rule"]
     assert base_score < 0.9, "the base must leave room to improve for this test to mean anything"
     # at least a third of the way from the base to always following the rule
     assert score >= base_score + (1.0 - base_score) / 3, (base_score, score, kl)
@@ -97,8 +99,8 @@ def test_a_default_round_moves_sampled_replies_toward_the_rule_within_budget(rou
 
 
 def test_random_ratings_move_the_rule_score_by_no_more_than_noise(rounds: dict):
-    base_score, _, _ = rounds["base"]
-    score, kl, _ = rounds["random"]
+    base_score, _, _, _ = rounds["base"]
+    score, kl, _, _ = rounds["random"]
     assert abs(score - base_score) < 0.1, (base_score, score)
     assert kl <= GateConfig().max_kl
 
@@ -119,3 +121,35 @@ def test_the_default_gate_does_not_promote_a_round_on_random_ratings(
     )
     decision, reasons = gate_decision(report)
     assert decision in ("hold", "reject"), reasons
+
+
+def _picked(prompts: list[str], replies: list[list[str]], scorer) -> float:
+    """The rule's mean score of the reply ``scorer`` picks among each prompt's replies."""
+    return sum(calm(p, group[scorer.best(p, group)])
+               for p, group in zip(prompts, replies, strict=True)) / len(prompts)
+
+
+def test_the_rule_rounds_reply_scorer_is_written_and_picks_what_users_prefer(rounds: dict):
+    # the scorer the engine ranks a version's sampled replies by: fitted to the round's
+    # feedback, checked, then asked to pick among replies to prompts no user rated
+    feedback = rounds["rule_feedback"]
+    scorer, info = serving_scorer(feedback.kto, feedback.dpo,
+                                  min_accuracy=TrainConfig().pair_min_accuracy)
+    assert scorer is not None and info["written"], info["reason"]
+    heldout = rounds["heldout"]
+    base_score, _, _, base_replies = rounds["base"]
+    ceiling = sum(max(calm(p, r) for r in g)
+                  for p, g in zip(heldout, base_replies, strict=True)) / len(heldout)
+    assert ceiling > base_score + 0.05, "the base's samples must differ for a pick to matter"
+    # at least half of the way from the base's mean reply to the rule's own pick of 4
+    assert _picked(heldout, base_replies, scorer) >= base_score + (ceiling - base_score) / 2
+    score, _, _, rule_replies = rounds["rule"]
+    assert _picked(heldout, rule_replies, scorer) >= score
+
+
+def test_random_ratings_write_no_reply_scorer(rounds: dict):
+    feedback = rounds["random_feedback"]
+    scorer, info = serving_scorer(feedback.kto, feedback.dpo,
+                                  min_accuracy=TrainConfig().pair_min_accuracy)
+    assert scorer is None and not info["written"]
+    assert info["reason"].startswith("no reply scorer: accuracy"), info["reason"]

@@ -77,6 +77,11 @@ def test_round_trains_in_a_child_process_and_the_gate_holds_without_evidence(set
     assert manifest["parent_version"] is None and manifest["data_hash"] == candidate.data_hash
     assert manifest["rows"] == {"kto": run.kto_rows, "dpo": run.dpo_rows}
     assert manifest["gate"] == {"decision": "hold", "reasons": list(run.reasons)}
+    # the reply scorer goes beside the adapter exactly when its check passed
+    assert manifest["scorer"]["written"] == (folder / "scorer.json").is_file()
+    assert manifest["scorer"]["written"] == bool(m["reply_scorer"])
+    assert manifest["scorer"]["reason"].startswith(
+        "reply scorer fitted" if manifest["scorer"]["written"] else "no reply scorer")
     assert not list(Path(settings.adapters_dir).glob(".tmp-*"))  # nothing half-written left
 
     # an operator promotes it; the next round starts from the active adapter

@@ -9,7 +9,10 @@
 * degenerate share: :func:`retrain.evaluate.is_degenerate` over all replies;
 * ``KLMeter``: the mean per-token ``KL(policy || base) = sum_v p(v) (log p(v) - log q(v))``
   over the reply tokens of the sampled replies, teacher-forced through the base with the
-  served adapter (``p``) and with the adapter disabled (``q``), in nats per token.
+  served adapter (``p``) and with the adapter disabled (``q``), in nats per token; when
+  the served version picks the best of ``n`` samples by its reply scorer,
+  ``selection_kl`` adds the bound on what the pick adds, ``log n - (n - 1) / n`` nats per
+  reply over its tokens.
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ def mean_words(samples: Samples) -> float:
     return sum(len(r.split()) for r in flat) / len(flat)
 
 
+def selection_kl(samples: int, tokens_per_reply: float) -> float:
+    """The bound on what picking the best of ``samples`` replies adds to the KL from the
+    policy, ``log n - (n - 1) / n`` nats per reply, spread over its tokens (nats/token)."""
+    if samples <= 1 or tokens_per_reply <= 0:
+        return 0.0
+    return (math.log(samples) - (samples - 1) / samples) / tokens_per_reply
+
+
 class KLMeter:
     """The base model loaded once (float32, CPU) in this process; each adapter on top."""
 
@@ -111,20 +122,23 @@ class KLMeter:
         self._load = lambda: AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         self._lock = threading.Lock()  # runs at once take turns (one tokenizer, few cores)
 
-    def kl(self, adapter: Path, prompts: Sequence[str], samples: Samples) -> float:
-        """Mean per-token KL(base + ``adapter`` || base) over the replies' tokens."""
+    def kl(self, adapter: Path, prompts: Sequence[str], samples: Samples) -> tuple[float, float]:
+        """Mean per-token KL(base + ``adapter`` || base) over the replies' tokens, and the
+        mean tokens per reply."""
         with self._lock:
             return self._kl(adapter, prompts, samples)
 
-    def _kl(self, adapter: Path, prompts: Sequence[str], samples: Samples) -> float:
+    def _kl(self, adapter: Path, prompts: Sequence[str], samples: Samples
+            ) -> tuple[float, float]:
         import torch
         import torch.nn.functional as F
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(self._load(), str(adapter)).eval()
-        total, count = 0.0, 0
+        total, count, replies = 0.0, 0, 0
         for prompt, group in zip(prompts, samples, strict=True):
             for reply in group:
+                replies += 1
                 ids, start = self._encode(prompt, reply)
                 if len(ids) <= start:
                     continue
@@ -135,7 +149,9 @@ class KLMeter:
                         lq = F.log_softmax(model(input_ids=x).logits[0, start - 1:-1].float(), -1)
                 total += (lp.exp() * (lp - lq)).sum().item()
                 count += len(ids) - start
-        return total / count if count else float("nan")
+        if not count:
+            return float("nan"), 0.0
+        return total / count, count / replies
 
     def _encode(self, prompt: str, reply: str) -> tuple[list[int], int]:
         """Token ids of prompt + reply as the chat template renders them (up to and with the

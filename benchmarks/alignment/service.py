@@ -185,6 +185,15 @@ class Service:
         finally:
             store.close()
 
+    @property
+    def rerank_samples(self) -> int:
+        """Replies the service samples for each one it sends, when the version has a
+        reply scorer (its setting, or the default)."""
+        from chat_app.settings import Settings
+
+        raw = self.env.get("FEEDBACK_CHAT_RERANK_SAMPLES")
+        return int(raw) if raw else Settings().rerank_samples
+
     def adapter_path(self, version: str) -> Path:
         from feedback_store import FeedbackStore
 

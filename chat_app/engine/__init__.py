@@ -18,7 +18,7 @@ from .errors import (
     InputTooLong,
     ModelLoadError,
 )
-from .generation import Generation
+from .generation import Generation, RankedGeneration
 from .params import EngineConfig, SamplingParams
 
 __all__ = [
@@ -31,5 +31,6 @@ __all__ = [
     "Generation",
     "InputTooLong",
     "ModelLoadError",
+    "RankedGeneration",
     "SamplingParams",
 ]

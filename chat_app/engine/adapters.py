@@ -19,6 +19,8 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from feedback_store.reply_scorer import SCORER_FILE, ReplyScorer
+
 from .errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
@@ -62,6 +64,18 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if not names:
         raise AdapterError(f"adapter weights {weights} hold no tensors")
     return AdapterFolder(folder, frozenset(names))
+
+
+def read_reply_scorer(folder: Path) -> ReplyScorer | None:
+    """The reply scorer saved beside the adapter in ``folder`` (None when there is none);
+    ``AdapterError`` when its file is damaged."""
+    path = folder / SCORER_FILE
+    if not path.exists():
+        return None
+    try:
+        return ReplyScorer.load(path)
+    except ValueError as exc:
+        raise AdapterError(f"adapter folder {str(folder)!r}: {exc}") from exc
 
 
 def _tensor_names(weights: Path) -> set[str]:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import AdapterSet, read_adapter_folder
+from feedback_store.reply_scorer import ReplyScorer, last_user_text
+
+from .adapters import AdapterSet, read_adapter_folder, read_reply_scorer
 from .detokenize import IncrementalDecoder
 from .errors import BASE_VERSION, AdapterError, EngineBusy
-from .generation import Generation, Request
+from .generation import Generation, RankedGeneration, Request
 from .loading import LoadedModel, load_model
 from .params import EngineConfig, SamplingParams
 from .prompts import PromptBuilder, validate_messages
@@ -81,6 +84,7 @@ class Engine:
         self._loading: set[str] = set()
         self._adapter_names = (f"v{i}" for i in itertools.count(1))
         self._adapters = AdapterSet(loaded.model)
+        self._scorers: dict[str, ReplyScorer] = {}
         self._worker = Worker(
             self._shared,
             self._adapters,
@@ -124,6 +128,7 @@ class Engine:
         if version == BASE_VERSION:
             raise AdapterError(f"{BASE_VERSION!r} names the bare base; pick another version name")
         folder = read_adapter_folder(path)
+        scorer = read_reply_scorer(folder.path)
         with self._shared.cond:
             self._check_open()
             if version in self._shared.adapters or version in self._loading:
@@ -140,7 +145,12 @@ class Engine:
                 self._loading.discard(version)
                 if command.future.done() and command.future.exception() is None:
                     self._shared.adapters[version] = name
-        log.info("loaded adapter version %s from %s", version, folder.path)
+                    if scorer is None:
+                        self._scorers.pop(version, None)
+                    else:
+                        self._scorers[version] = scorer
+        log.info("loaded adapter version %s from %s%s", version, folder.path,
+                 "" if scorer is None else " with its reply scorer")
 
     def activate(self, version: str) -> None:
         """Send new requests to ``version`` (``BASE_VERSION``: the bare base).
@@ -215,8 +225,12 @@ class Engine:
         params: SamplingParams = SamplingParams(),  # noqa: B008 (frozen, so shared safely)
         *,
         version: str | None = None,
-    ) -> Generation:
+    ) -> Generation | RankedGeneration:
         """Start a reply to ``messages`` and return its ``Generation`` at once.
+
+        When the version has a reply scorer and sampling is not greedy, up to
+        ``config.rerank_samples`` replies are sampled side by side (fewer when the engine
+        is nearly full) and a ``RankedGeneration`` hands out the one the scorer ranks best.
 
         Raises ``ValueError`` (bad messages or params), ``InputTooLong``, ``AdapterError``
         (``version`` not servable), ``EngineBusy`` (every slot and queue place taken) or
@@ -241,22 +255,36 @@ class Engine:
                 )
             chosen = self._active if version is None else version
             self._check_servable(chosen)
-            request = Request(
-                version=chosen,
-                adapter=shared.adapters.get(chosen),
-                prompt_ids=prompt.token_ids,
-                params=params,
-                max_new_tokens=max_new,
-                trimmed_turns=prompt.trimmed_turns,
-                decoder=IncrementalDecoder(self._locked_tokenizer),
-                generator=make_generator(params, self.device),
-                on_cancel=self._cancel,
-            )
-            shared.waiting.append(request)
-            shared.unfinished += 1
-            shared.in_flight[chosen] += 1
+            scorer = self._scorers.get(chosen) if params.temperature > 0 else None
+            # the best of n by the version's scorer; fewer when the engine is nearly full
+            count = 1 if scorer is None else max(
+                1, min(self.config.rerank_samples, capacity - shared.unfinished))
+            requests = [
+                Request(
+                    version=chosen,
+                    adapter=shared.adapters.get(chosen),
+                    prompt_ids=prompt.token_ids,
+                    params=params,
+                    max_new_tokens=max_new,
+                    trimmed_turns=prompt.trimmed_turns,
+                    decoder=IncrementalDecoder(self._locked_tokenizer),
+                    generator=make_generator(_nth_seed(params, i), self.device),
+                    on_cancel=self._cancel,
+                )
+                for i in range(count)
+            ]
+            shared.waiting.extend(requests)
+            shared.unfinished += count
+            shared.in_flight[chosen] += count
             shared.cond.notify_all()
-        return Generation(request)
+        if count == 1:
+            return Generation(requests[0])
+        asked = last_user_text(prompt.messages)
+        return RankedGeneration(requests, lambda texts: scorer.best(asked, texts))
+
+    def reply_scorer(self, version: str) -> ReplyScorer | None:
+        """The reply scorer loaded with ``version`` (None: replies are not ranked)."""
+        return self._scorers.get(version)
 
     def _cancel(self, request: Request) -> None:
         with self._shared.cond:
@@ -298,3 +326,10 @@ class Engine:
             raise AdapterError(f"adapter version {version!r} is not loaded")
         if version in self._shared.unloading:
             raise AdapterError(f"adapter version {version!r} is being unloaded")
+
+
+def _nth_seed(params: SamplingParams, n: int) -> SamplingParams:
+    """``params`` for the ``n``-th of several samples: a seeded request's seed plus ``n``."""
+    if n == 0 or params.seed is None:
+        return params
+    return replace(params, seed=params.seed + n)

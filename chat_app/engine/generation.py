@@ -170,3 +170,123 @@ class Generation:
             f"Generation(version={self.version!r}, prompt_tokens={self.prompt_tokens}, "
             f"completion_tokens={self.completion_tokens}, finish_reason={self.finish_reason!r})"
         )
+
+
+class RankedGeneration:
+    """The best of several replies sampled together, with ``Generation``'s face.
+
+    All the requests run side by side on the engine; when every one has ended, ``choose``
+    (the version's reply scorer) picks among those that ended normally (``"stop"``
+    preferred to ``"length"``), and the chosen reply's pieces are handed out. Nothing is
+    read until then, so ``time_to_first_token`` is the time to that choice.
+    ``samples`` is how many replies were drawn and ``sampled_tokens`` their tokens in all.
+    """
+
+    def __init__(self, requests: list[Request], choose: Callable[[list[str]], int]) -> None:
+        if not requests:
+            raise ValueError("a ranked generation needs at least one request")
+        self._requests = requests
+        self._choose = choose
+        self._chosen: Request | None = None
+        self._chosen_at: float | None = None
+        self._done = False
+        first = requests[0]
+        self.version: str = first.version
+        self.prompt_tokens: int = len(first.prompt_ids)
+        self.trimmed_turns: int = first.trimmed_turns
+        self.samples: int = len(requests)
+        self.chosen_index: int | None = None
+        self.candidates: list[str] = []
+
+    def _pick(self, timeout: float | None = None) -> Request:
+        if self._chosen is not None:
+            return self._chosen
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        for request in self._requests:
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            if not request.finished.wait(left):
+                raise TimeoutError(f"generation not finished after {timeout} s")
+        self.candidates = [r.text for r in self._requests]
+        pool = [i for i, r in enumerate(self._requests) if r.finish_reason == "stop"] or [
+            i for i, r in enumerate(self._requests) if r.finish_reason == "length"]
+        if not pool:  # every sample failed or was cancelled: report the first
+            index = 0
+        elif len(pool) == 1:
+            index = pool[0]
+        else:
+            index = pool[self._choose([self._requests[i].text for i in pool])]
+        self.chosen_index = index
+        self._chosen = self._requests[index]
+        self._chosen_at = time.perf_counter()
+        return self._chosen
+
+    @property
+    def text(self) -> str:
+        return "" if self._chosen is None else self._chosen.text
+
+    @property
+    def completion_tokens(self) -> int:
+        return 0 if self._chosen is None else self._chosen.completion_tokens
+
+    @property
+    def sampled_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self._requests)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self._chosen is None else self._chosen.finish_reason
+
+    @property
+    def error(self) -> str | None:
+        return None if self._chosen is None else self._chosen.error
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self._chosen_at is None:
+            return None
+        return self._chosen_at - self._requests[0].created_at
+
+    @property
+    def decode_seconds(self) -> float | None:
+        first = [r.first_token_at for r in self._requests if r.first_token_at is not None]
+        ends = [r.finished_at for r in self._requests if r.finished_at is not None]
+        if self._chosen is None or not first or len(ends) < len(self._requests):
+            return None
+        return max(ends) - min(first)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        piece = self._pick().pieces.get()
+        if piece is _END:
+            self._done = True
+            raise StopIteration
+        return piece  # type: ignore[return-value]
+
+    def result(self, timeout: float | None = None) -> str:
+        self._pick(timeout)
+        for _ in self:
+            pass
+        return self.text
+
+    def cancel(self) -> None:
+        for request in self._requests:
+            if not request.finished.is_set():
+                request.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        for request in getattr(self, "_requests", ()):
+            if not request.finished.is_set():
+                request.cancel_requested = True
+
+    def __repr__(self) -> str:
+        return (
+            f"RankedGeneration(version={self.version!r}, samples={self.samples}, "
+            f"chosen={self.chosen_index}, finish_reason={self.finish_reason!r})"
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MAX_RERANK_SAMPLES = 16
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -56,6 +58,9 @@ class EngineConfig:
     wait for a free slot; beyond that ``Engine.stream`` raises ``EngineBusy``.
     ``max_input_tokens`` is the prompt budget: the oldest turns are dropped first and the
     system prompt is always kept.
+    ``rerank_samples``: when the version asked for has a reply scorer (``scorer.json`` in
+    its adapter folder, written by the round that trained it), that many replies are
+    sampled together and the one the scorer ranks highest is returned; 1 turns it off.
     """
 
     model: str
@@ -65,6 +70,7 @@ class EngineConfig:
     max_concurrent: int = 8
     max_queued: int = 32
     torch_threads: int | None = None
+    rerank_samples: int = 4
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming every problem at once; return None when all is well."""
@@ -80,10 +86,14 @@ class EngineConfig:
             ("max_input_tokens", 1),
             ("max_concurrent", 1),
             ("max_queued", 0),
+            ("rerank_samples", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(self.rerank_samples, int) and self.rerank_samples > MAX_RERANK_SAMPLES:
+            problems.append(f"rerank_samples must be at most {MAX_RERANK_SAMPLES}, "
+                            f"got {self.rerank_samples}")
         if self.torch_threads is not None and (
             isinstance(self.torch_threads, bool)
             or not isinstance(self.torch_threads, int)
