@@ -14,7 +14,10 @@ candidate reaches (``bench_round.py``) against the scorer's pick says how much i
 in carrying the pick over to prompts the round never saw. ``--candidate`` measures that
 directly: the judge's score of 4 replies of the base and of the version ``--version``
 itself, on the held-out prompts and on as many of the prompts its round trained on (the
-training split's, rated or only asked).
+training split's, rated or only asked), the held-out ones split into new questions and
+known phrases in question frames no user used, and the judge's score of the reply the
+serving scorer (:func:`retrain.reward_model.serving_scorer`, all the round's rows) picks
+among the version's 4: what the service sends.
 
     python benchmarks/bench_selection.py --work-dir DIR --run kto-on_subject --version v0003 \\
         [--heldout 72] [--samples 8] [--candidate] [--json FILE]
@@ -109,7 +112,7 @@ def transfer(args: argparse.Namespace, base, tokenizer, judge, heldout: list[str
     import torch
 
     from retrain import modeling
-    from retrain.reward_model import last_user_text
+    from retrain.reward_model import last_user_text, serving_scorer
 
     asked = sorted({last_user_text(p) for p in rows.train_asked}
                    | {last_user_text(r["prompt"]) for r in [*rows.kto, *rows.dpo]})
@@ -118,18 +121,51 @@ def transfer(args: argparse.Namespace, base, tokenizer, judge, heldout: list[str
     candidate = modeling.load_eval_model(
         args.model, adapter_path=args.work_dir / args.run / "adapters" / args.version,
         device=torch.device("cpu"), quantize_4bit=False)
+    scorer, info = serving_scorer([*rows.kto, *rows.heldout_kto], [*rows.dpo, *rows.heldout_dpo],
+                                  min_accuracy=0.5)
     out: dict[str, dict[str, float]] = {}
     for name, prompts in sets.items():
-        scores = {}
+        scores, means = {}, {}
         for who, model in (("base", base), ("candidate", candidate)):
             replies = sim.sample_replies(model, tokenizer, prompts, 4, seed=4321,
                                          max_new_tokens=256)
-            scores[who] = sum(prompt_means(judge, prompts, replies)) / len(prompts)
+            means[who] = prompt_means(judge, prompts, replies)
+            scores[who] = sum(means[who]) / len(prompts)
+            if who == "candidate" and scorer is not None:
+                # what serving sends: the serving scorer's pick of the 4
+                scores["served_pick"] = sum(
+                    judge.score(p, group[scorer.best(p, group)])
+                    for p, group in zip(prompts, replies, strict=True)) / len(prompts)
         out[name] = {**scores, "prompts": float(len(prompts))}
+        pick = (f", the serving scorer's pick of its 4 {scores['served_pick']:.3f}"
+                if "served_pick" in scores else "")
         print(f"{name:>8} prompts ({len(prompts)}): base {scores['base']:.3f}, "
               f"{args.version} {scores['candidate']:.3f}, rise "
-              f"{scores['candidate'] - scores['base']:+.3f}")
+              f"{scores['candidate'] - scores['base']:+.3f}{pick}")
+        if name == "heldout":  # new questions, and known phrases in frames no user used
+            for kind in ("question", "framed"):
+                idx = [i for i, p in enumerate(prompts) if prompt_kind(p) == kind]
+                if idx:
+                    b, c = (sum(means[w][i] for i in idx) / len(idx) for w in means)
+                    out[f"heldout_{kind}"] = {"base": b, "candidate": c,
+                                              "prompts": float(len(idx))}
+                    print(f"{'':>10}{kind} ({len(idx)}): base {b:.3f}, {args.version} "
+                          f"{c:.3f}, rise {c - b:+.3f}")
+    if scorer is None:
+        print(info["reason"])
     return out
+
+
+def prompt_kind(prompt: str) -> str:
+    """``question``: a fact's held-out question; ``framed``: one of its subjects or tasks
+    in a question frame users never used (:mod:`alignment.prompts`)."""
+    from alignment.prompts import normalise
+
+    from chat_app.demo_model.corpus_data import TOPICS
+
+    questions = {normalise(f.questions[-1]) for facts in TOPICS.values() for f in facts
+                 if len(f.questions) > 1}
+    return "question" if normalise(prompt) in questions else "framed"
 
 
 def main(argv: list[str] | None = None) -> int:
