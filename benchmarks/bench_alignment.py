@@ -307,7 +307,8 @@ def run_trajectory(name: str, condition: str, judge: str | None, args: argparse.
                 "feedback_to_serving_s": to_serving_s, "serving": version,
                 "measured": eval_s > 0, "eval_s": eval_s, "scores": last["scores"],
                 "prompt_scores": last["prompt_scores"],
-                "kl": last["kl"], "degenerate_share": last["degenerate_share"],
+                "kl": last["kl"], "kl_selection": last.get("kl_selection", 0.0),
+                "degenerate_share": last["degenerate_share"],
                 "mean_words": last["mean_words"],
                 "examples": [[p, g[0]] for p, g in
                              zip(prompts.heldout, last.get("samples", []), strict=False)][:4],
@@ -369,7 +370,8 @@ def table_rows(trajectories: list[dict], base: dict, judges: list[str]) -> list[
                     "share_of_way": share_of_way(score, base["scores"][judge],
                                                  base["ceiling"][judge]),
                     "share_se": share_se,
-                    "kl": r["kl"], "degenerate_share": r["degenerate_share"],
+                    "kl": r["kl"], "kl_selection": r.get("kl_selection", 0.0),
+                    "degenerate_share": r["degenerate_share"],
                     "mean_words": r["mean_words"], "feedback": r["feedback"],
                     "feedback_to_serving_s": r["feedback_to_serving_s"]})
     return rows
