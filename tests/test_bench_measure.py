@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from alignment.judges import JUDGES  # noqa: E402
-from alignment.measure import paired_se, prompt_means  # noqa: E402
+from alignment.measure import paired_se, prompt_means, selection_kl  # noqa: E402
 from bench_alignment import table_rows  # noqa: E402
 from bench_selection import picks  # noqa: E402
 
@@ -68,3 +68,9 @@ def test_selection_picks_score_the_mean_the_scorers_pick_and_the_judges_pick() -
     three = picks(["a", "b"], replies, judge.score, longest, 3)
     assert three["judge"] == 1.0 and three["scorer"] == 0.0
     assert three["mean"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+
+
+def test_the_picks_kl_bound_is_best_of_n_spread_over_the_replys_tokens() -> None:
+    assert selection_kl(4, 10.0) == pytest.approx((math.log(4) - 0.75) / 10)
+    assert selection_kl(2, 5.0) == pytest.approx((math.log(2) - 0.5) / 5)
+    assert selection_kl(1, 10.0) == 0.0 and selection_kl(4, 0.0) == 0.0
