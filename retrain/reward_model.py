@@ -309,8 +309,8 @@ def cross_validated_accuracy(kto_rows: Sequence[dict], dpo_rows: Sequence[dict],
 
 
 def serving_scorer(kto_rows: Sequence[dict], dpo_rows: Sequence[dict], *,
-                   min_accuracy: float, z: float = 1.96,
-                   seed: int = 0) -> tuple[ReplyScorer | None, dict]:
+                   min_accuracy: float, z: float = 1.96, seed: int = 0,
+                   checked: ScorerAccuracy | None = None) -> tuple[ReplyScorer | None, dict]:
     """The scorer the engine ranks a version's sampled replies by, fitted to all of a
     round's rows (training and held-out), and what its check found.
 
@@ -318,8 +318,11 @@ def serving_scorer(kto_rows: Sequence[dict], dpo_rows: Sequence[dict], *,
     lower bound (``z`` standard errors) above ``min_accuracy``, the check a round's
     own-reply pairs pass (``TrainConfig.pair_min_accuracy``): a scorer fitted to random
     ratings ranks by a direction of its own, and the served replies would follow it.
-    Returns ``(scorer or None, {"written", "rows", "accuracy", "lower_bound", "reason"})``."""
-    checked = cross_validated_accuracy(kto_rows, dpo_rows, seed=seed)
+    ``checked``: that accuracy when it is already known for these rows (the gate's report
+    measures it the same way). Returns ``(scorer or None, {"written", "rows", "accuracy",
+    "lower_bound", "reason"})``."""
+    if checked is None:
+        checked = cross_validated_accuracy(kto_rows, dpo_rows, seed=seed)
     bound = checked.lower_bound(z)
     info = {"rows": checked.n_rows, "accuracy": checked.accuracy, "lower_bound": bound,
             "method": checked.method}

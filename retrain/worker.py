@@ -172,7 +172,8 @@ def run_round(run_id: int, settings: RetrainSettings) -> str:
         decision, reasons = gate_decision(report, gate_cfg)
         scorer, scorer_info = serving_scorer(
             [*kto, *heldout_kto], [*dpo, *heldout_dpo],
-            min_accuracy=train_cfg.pair_min_accuracy, z=SCORER_Z, seed=train_cfg.seed)
+            min_accuracy=train_cfg.pair_min_accuracy, z=SCORER_Z, seed=train_cfg.seed,
+            checked=report.scorer)  # the gate checked the scorer on these very rows
         if scorer is not None:
             scorer.save(tmp / SCORER_FILE)
 
